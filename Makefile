@@ -1,0 +1,37 @@
+# `make demo` and `make test` set everything up on a fresh machine (Python 3.11) and are idempotent.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.deltatune-installed
+
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test demo lint bench clean
+
+setup: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+demo: setup
+	$(BIN)/python examples/lora_quickstart.py
+
+lint: setup
+	$(BIN)/ruff check src tests bench examples
+
+bench: setup
+	$(BIN)/python bench/lora_step.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

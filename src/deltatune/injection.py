@@ -1,0 +1,304 @@
+"""Injection: find the modules a config targets, swap in adapter layers, and act on all of them at once.
+
+These functions work on any nn.Module (a transformers model or a custom one); `PeftModel` calls them.
+Module names are relative to the model passed in, as in peft's matching rules.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from collections.abc import Iterator
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from deltatune.checkpoint import adapter_parameter_map
+from deltatune.config import PeftConfig
+from deltatune.layers import AdapterLayer, adapter_layers
+from deltatune.modules_to_save import ModulesToSaveWrapper
+from deltatune.registry import Method, get_method
+
+ALL_LINEAR = "all-linear"
+CLASSIFIER_HEAD_NAMES = ("classifier", "score")
+
+
+# --- matching ----------------------------------------------------------------------------------
+def _user_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """named_modules() without the internals of adapter layers and modules_to_save wrappers."""
+    wrappers: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in wrappers):
+            continue
+        if isinstance(module, AdapterLayer | ModulesToSaveWrapper):
+            wrappers.append(name)
+        if name:
+            yield name, module
+
+
+def _ends_with(name: str, key: str) -> bool:
+    return name == key or name.endswith("." + key)
+
+
+def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def is_target(name: str, config: PeftConfig, targets: list[str] | str) -> bool:
+    """peft's matching rules: exclusions first, then regex / suffix matching, then layer selection."""
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude:
+        if isinstance(exclude, str) and re.fullmatch(exclude, name):
+            return False
+        if not isinstance(exclude, str) and any(_ends_with(name, key) for key in exclude):
+            return False
+    for keep in getattr(config, "modules_to_save", None) or []:
+        if re.match(rf"(^|.*\.){keep}($|\..*)", name):
+            return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if not any(_ends_with(name, key) for key in targets):
+        return False
+    layers = getattr(config, "layers_to_transform", None)
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(name, getattr(config, "layers_pattern", None))
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _output_head_names(model: nn.Module, config: PeftConfig) -> set[str]:
+    heads: list[nn.Module] = []
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if output is not None:
+        heads.append(output)
+    elif config.task_type == "SEQ_CLS":
+        heads += [getattr(model, n) for n in CLASSIFIER_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    return {name for name, module in model.named_modules() if any(module is head for head in heads)}
+
+
+def resolve_targets(model: nn.Module, config: PeftConfig, method: Method) -> list[str] | str:
+    """The concrete target_modules for this model: defaults filled in, "all-linear" expanded, sorted."""
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        defaults = method.default_targets or {}
+        if model_type not in defaults:
+            raise ValueError(
+                f"target_modules is None and deltatune has no default {method.peft_type} targets for "
+                f"model_type={model_type!r}. Set target_modules, e.g. to some of these layer names: "
+                f"{_leaf_names(model, linear_only=True)}, or to 'all-linear'."
+            )
+        return list(defaults[model_type])
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        excluded = _output_head_names(model, config)
+        names = {
+            name
+            for name, module in _user_modules(model)
+            if _is_linear(module) and name not in excluded
+        }
+        if not names:
+            raise ValueError("target_modules='all-linear' found no linear layer in this model.")
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+        # Short leaf names when they select exactly the same layers, full names otherwise.
+        same = {n for n, m in _user_modules(model) if _is_linear(m) and any(_ends_with(n, k) for k in leaves)}
+        return leaves if same == names else sorted(names)
+    return targets
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return isinstance(module, nn.Linear | Conv1D)
+
+
+def _leaf_names(model: nn.Module, linear_only: bool = False, limit: int = 60) -> list[str]:
+    names = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in _user_modules(model)
+            if (_is_linear(module) if linear_only else not name.rsplit(".", 1)[-1].isdigit())
+        }
+    )
+    return names[:limit]
+
+
+# --- swapping ----------------------------------------------------------------------------------
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> PeftConfig:
+    """Wrap every targeted module with the method's adapter layer; returns the config as resolved.
+
+    The caller's config is never modified: the returned copy holds the concrete target list.
+    """
+    method = get_method(config.peft_type)
+    targets = resolve_targets(model, config, method)
+    resolved = dataclasses.replace(copy.deepcopy(config), target_modules=targets)
+    matched = 0
+    for name, module in list(_user_modules(model)):
+        if not is_target(name, resolved, targets):
+            continue
+        if isinstance(module, AdapterLayer) and not isinstance(module, method.layer_cls):
+            raise ValueError(
+                f"{name} already carries a {type(module).__name__} adapter; one module cannot hold adapters "
+                f"of two methods. Exclude it from target_modules for {method.peft_type}."
+            )
+        new = method.create_layer(module, adapter_name, resolved, name)
+        if new is None:
+            if isinstance(targets, list) and not any(name == t or name.endswith("." + t) for t in targets):
+                continue
+            raise ValueError(
+                f"Target module {name} is a {type(module).__name__}, which {method.peft_type} cannot wrap. "
+                "Target linear, embedding or convolution layers instead."
+            )
+        if new is not module:
+            _replace(model, name, new)
+        matched += 1
+    if matched == 0:
+        raise ValueError(
+            f"target_modules={targets!r} matched no module of this model. Module names that exist: "
+            f"{_leaf_names(model)}"
+        )
+    if getattr(resolved, "modules_to_save", None):
+        add_modules_to_save(model, resolved.modules_to_save, adapter_name)
+    return resolved
+
+
+def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -> None:
+    """Give each named module a trainable copy for this adapter; tied partners share the copy's weights."""
+    found = False
+    for name, _ in list(_user_modules(model)):
+        if not any(_ends_with(name, key) for key in names):
+            continue
+        found = True
+        module = model.get_submodule(name)  # may have been wrapped earlier in this loop
+        wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+        if wrapper is not module:
+            _replace(model, name, wrapper)
+        if adapter_name in wrapper.modules_to_save:
+            continue  # already added as the tied partner of an earlier target
+        wrapper.add_copy(adapter_name, shared_from=_tied_owner(model, wrapper, adapter_name))
+        _wrap_tied_partners(model, name, wrapper, adapter_name, names)
+    if not found:
+        raise ValueError(f"modules_to_save={names} matched no module. Module names that exist: {_leaf_names(model)}")
+
+
+def _direct_parameter_ids(module: nn.Module) -> set[int]:
+    return {id(p) for p in module.parameters(recurse=False)}
+
+
+def _tied_owner(model: nn.Module, wrapper: ModulesToSaveWrapper, adapter_name: str):
+    """(original, copy) of another wrapper whose original shares weights with this one, if any."""
+    mine = {id(p) for p in wrapper.original_module.parameters()}
+    for _, other in wrappers(model):
+        if other is not wrapper and adapter_name in other.modules_to_save:
+            if mine & {id(p) for p in other.original_module.parameters()}:
+                return other.original_module, other.modules_to_save[adapter_name]
+    return None
+
+
+def _wrap_tied_partners(
+    model: nn.Module, owner_name: str, owner: ModulesToSaveWrapper, adapter_name: str, requested: list[str]
+) -> None:
+    """Wrap the modules that own a parameter tied to the owner's (an input embedding tied to lm_head)."""
+    owner_params = {id(p) for p in owner.original_module.parameters()}
+    for name, module in list(_user_modules(model)):
+        if module is owner or isinstance(module, AdapterLayer):
+            continue
+        original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        if not _direct_parameter_ids(original) & owner_params:
+            continue
+        wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+        if wrapper is not module:
+            _replace(model, name, wrapper)
+        if adapter_name not in wrapper.modules_to_save:
+            wrapper.add_copy(adapter_name, shared_from=(owner.original_module, owner.modules_to_save[adapter_name]))
+        if not any(_ends_with(name, key) for key in requested):
+            wrapper.tied_to = owner_name
+
+
+# --- acting on every adapter layer ------------------------------------------------------------
+def mark_trainable(model: nn.Module, adapter_name: str, config: PeftConfig | None) -> None:
+    """Freeze everything, then unfreeze what the adapter saves: trained == saved, by construction."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if config is None or config.inference_mode:
+        return
+    for param in adapter_parameter_map(model, adapter_name, getattr(config, "bias", "none")).values():
+        param.requires_grad_(True)
+
+
+def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
+    """Add an adapter to any nn.Module in place (no wrapper); only the adapter stays trainable."""
+    config = inject_adapter(model, peft_config, adapter_name)
+    set_active_adapters(model, [adapter_name])
+    mark_trainable(model, adapter_name, config)
+    return model
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            yield name, module
+
+
+def set_active_adapters(model: nn.Module, adapter_names: list[str]) -> None:
+    for _, layer in adapter_layers(model):
+        layer.set_adapter(adapter_names)
+    for _, wrapper in wrappers(model):
+        wrapper.set_adapter(next((n for n in adapter_names if n in wrapper.modules_to_save), None))
+
+
+def set_disabled(model: nn.Module, disabled: bool) -> None:
+    for _, module in [*adapter_layers(model), *wrappers(model)]:
+        module.disabled = disabled
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    for _, module in [*adapter_layers(model), *wrappers(model)]:
+        module.delete_adapter(adapter_name)
+    # Layers left without any adapter go back to their base module.
+    for name, layer in list(adapter_layers(model)):
+        if not layer.adapter_names:
+            _replace(model, name, layer.base_layer)
+    for name, wrapper in list(wrappers(model)):
+        if not wrapper.modules_to_save:
+            _replace(model, name, wrapper.original_module)
+
+
+def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    for _, layer in adapter_layers(model):
+        layer.merge(adapter_names, safe_merge=safe_merge)
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+
+
+def unload(model: nn.Module, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
+           ) -> nn.Module:
+    """Remove every adapter module. With merge, active adapters and modules_to_save copies are kept."""
+    if merge:
+        merge_adapters(model, adapter_names, safe_merge)
+    for name, layer in list(adapter_layers(model)):
+        _replace(model, name, layer.base_layer)
+    for name, wrapper in list(wrappers(model)):
+        _replace(model, name, wrapper.active_module() if merge else wrapper.original_module)
+    return model

@@ -1,0 +1,93 @@
+"""What every injected adapter layer shares: a frozen base layer, named adapters, activation, merging.
+
+A method's layer subclasses `AdapterLayer`, declares which attributes hold per-adapter state, and writes
+`update_layer`, `delta_weight` and `forward`. Everything that walks the model (trainability, the
+checkpoint key mapping, deleting an adapter) reads those declarations, never parameter names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+class AdapterLayer(nn.Module):
+    # Attributes (nn.ModuleDict / nn.ParameterDict keyed by adapter name) that hold trainable parameters.
+    adapter_param_containers: tuple[str, ...] = ()
+    # Other per-adapter attributes (plain dicts or ModuleDicts without parameters), removed on delete.
+    adapter_state_attributes: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # --- bookkeeping ----------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(getattr(self, self.adapter_param_containers[0]).keys())
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def adapter_parameters(self, adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """(suffix, parameter) pairs of one adapter; the suffix is the checkpoint key without the adapter."""
+        for container_name in self.adapter_param_containers:
+            container = getattr(self, container_name)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                yield container_name, item
+            else:
+                for name, param in item.named_parameters():
+                    yield f"{container_name}.{name}", param
+
+    def set_adapter(self, adapter_names: list[str]) -> None:
+        self.active_adapters = [name for name in adapter_names if name in self.adapter_names]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"Adapter {adapter_name!r} is merged into the base weights: unmerge it first.")
+        for attr in self.adapter_param_containers + self.adapter_state_attributes:
+            getattr(self, attr).pop(adapter_name, None)
+        self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
+
+    # --- merging --------------------------------------------------------------------------------
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The change this adapter makes to `base_layer.weight`, in that weight's layout."""
+        raise NotImplementedError(f"{type(self).__name__} does not support merging")
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        weight = self.base_layer.weight
+        for name in adapter_names if adapter_names is not None else self.active_adapters:
+            if name in self.merged_adapters or name not in self.adapter_names:
+                continue
+            merged = weight.data + self.delta_weight(name).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"Merging adapter {name!r} would write NaN or inf into the base weights; nothing was changed."
+                )
+            weight.data = merged
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight.data -= self.delta_weight(name).to(weight.dtype)
+
+    def use_base_only(self) -> bool:
+        """True when forward must return the base layer's output alone (disabled, or already merged)."""
+        return self.disabled or self.merged or not self.active_adapters
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module

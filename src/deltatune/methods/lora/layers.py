@@ -1,0 +1,211 @@
+"""LoRA layers for Linear, GPT-2 Conv1D, Embedding, Conv1d and Conv2d base layers.
+
+Parameter layout and names follow peft (lora_A / lora_B modules, lora_embedding_A / _B parameters), so
+state-dict keys map one to one onto peft's adapter files.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from deltatune.layers import AdapterLayer
+from deltatune.methods.lora.config import LoraConfig
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in float32 beside a half-precision base (as peft does); otherwise in its dtype."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+class LoraLayer(AdapterLayer):
+    adapter_param_containers = ("lora_A", "lora_B")
+    adapter_state_attributes = ("lora_dropout", "scaling", "r", "lora_alpha")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+
+    def update_layer(
+        self, adapter_name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool
+    ) -> None:
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = lora_scaling(r, alpha, use_rslora)
+        self.lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._create_factors(adapter_name, r)
+        self._init_factors(adapter_name, init)
+        weight = self.base_layer.weight
+        for _, param in self.adapter_parameters(adapter_name):
+            param.data = param.data.to(device=weight.device, dtype=adapter_dtype(weight))
+
+    def _create_factors(self, adapter_name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def _init_factors(self, adapter_name: str, init: bool | str) -> None:
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if init == "gaussian":
+            nn.init.normal_(a, std=1 / self.r[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init is False:  # a non-identity adapter, for tests and research
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on nn.Linear, or on transformers' Conv1D whose weight is stored (in, out): fan_in_fan_out."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        weight = base_layer.weight
+        self.in_features, self.out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+
+    def _create_factors(self, adapter_name: str, r: int) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight
+        delta = delta * self.scaling[adapter_name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.use_base_only():
+            return result
+        for name in self.active_adapters:
+            lora_A = self.lora_A[name]
+            h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
+            result = result + (self.lora_B[name](lora_A(h)) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on nn.Embedding: A is (r, num_embeddings) and is looked up like an embedding table."""
+
+    adapter_param_containers = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _create_factors(self, adapter_name: str, r: int) -> None:
+        num, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, num))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(dim, r))
+
+    def _init_factors(self, adapter_name: str, init: bool | str) -> None:
+        nn.init.normal_(self.lora_embedding_B[adapter_name])
+        if init is False:
+            nn.init.normal_(self.lora_embedding_A[adapter_name])
+        else:
+            nn.init.zeros_(self.lora_embedding_A[adapter_name])
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = self.lora_embedding_B[adapter_name] @ self.lora_embedding_A[adapter_name]
+        return delta.T * self.scaling[adapter_name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.use_base_only():
+            return result
+        base = self.base_layer
+        for name in self.active_adapters:
+            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            after_a = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
+                                  base.scale_grad_by_freq, base.sparse)
+            result = result + ((after_a @ b.T) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class LoraConv(LoraLayer):
+    """LoRA on nn.Conv1d / nn.Conv2d: A is a conv with the base's kernel, B a 1x1 conv."""
+
+    def __init__(self, base_layer: nn.Conv1d | nn.Conv2d) -> None:
+        super().__init__(base_layer)
+
+    def _create_factors(self, adapter_name: str, r: int) -> None:
+        base = self.base_layer
+        conv = type(base)
+        ones = (1,) * len(base.kernel_size)
+        self.lora_A[adapter_name] = conv(
+            base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
+        )
+        self.lora_B[adapter_name] = conv(r, base.out_channels, ones, ones, bias=False)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        # B is pointwise, so the composed kernel is B applied to A at every kernel position.
+        b = self.lora_B[adapter_name].weight.flatten(1)
+        delta = torch.einsum("or,r...->o...", b, self.lora_A[adapter_name].weight)
+        return delta * self.scaling[adapter_name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.use_base_only():
+            return result
+        for name in self.active_adapters:
+            lora_A = self.lora_A[name]
+            h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
+            result = result + (self.lora_B[name](lora_A(h)) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+def pattern_value(patterns: dict, module_name: str, default):
+    """peft's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, module_name: str):
+    """Wrap `target` (or add an adapter to an existing LoRA layer); None if the module type is unsupported."""
+    if isinstance(target, LoraLayer):
+        layer = target
+    elif isinstance(target, nn.Linear | Conv1D):
+        if isinstance(target, Conv1D) != config.fan_in_fan_out:
+            warnings.warn(
+                f"{module_name}: fan_in_fan_out={config.fan_in_fan_out} does not fit a "
+                f"{type(target).__name__} layer; using the layer's own weight layout.",
+                stacklevel=3,
+            )
+        layer = LoraLinear(target)
+    elif isinstance(target, nn.Embedding):
+        layer = LoraEmbedding(target)
+    elif isinstance(target, nn.Conv1d | nn.Conv2d):
+        if target.groups != 1:
+            raise ValueError(
+                f"LoRA on grouped convolutions is not supported ({module_name} has groups={target.groups}); "
+                "leave it out of target_modules or add it to exclude_modules."
+            )
+        layer = LoraConv(target)
+    else:
+        return None
+    layer.update_layer(
+        adapter_name,
+        r=pattern_value(config.rank_pattern, module_name, config.r),
+        alpha=pattern_value(config.alpha_pattern, module_name, config.lora_alpha),
+        dropout=config.lora_dropout,
+        init=config.init_lora_weights,
+        use_rslora=config.use_rslora,
+    )
+    return layer

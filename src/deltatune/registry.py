@@ -1,0 +1,55 @@
+"""The one table of PEFT methods. Each method folder registers itself here on import."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from deltatune.config import PeftConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the generic machinery needs from a method.
+
+    `layer_cls` is the base class of the method's injected layers.
+    `create_layer(target, adapter_name, config, module_name)` wraps one matched module in the method's
+    adapter layer; returning None means "this module type is not supported" (the injector reports it).
+    `default_targets` maps a transformers `model_type` to the module names used when target_modules is None.
+    """
+
+    peft_type: str
+    config_cls: type[PeftConfig]
+    layer_cls: type[nn.Module] | None = None
+    create_layer: Callable[[nn.Module, str, PeftConfig, str], nn.Module | None] | None = None
+    default_targets: dict[str, list[str]] | None = None
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if method.peft_type in _METHODS:
+        raise ValueError(f"A PEFT method named {method.peft_type!r} is already registered.")
+    _METHODS[method.peft_type] = method
+    return method
+
+
+def _load_builtin_methods() -> None:
+    import deltatune.methods  # noqa: F401  (importing registers the built-in methods)
+
+
+def get_method(peft_type: str) -> Method:
+    _load_builtin_methods()
+    if peft_type not in _METHODS:
+        raise ValueError(f"Unknown peft_type {peft_type!r}. deltatune knows: {sorted(_METHODS)}.")
+    return _METHODS[peft_type]
+
+
+def known_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_METHODS)
