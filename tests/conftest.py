@@ -62,3 +62,48 @@ def batch(seed: int = 1, size: int = 2, length: int = 7) -> dict[str, torch.Tens
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+# --- shared by the LoRA tests -------------------------------------------------------------------
+ARCHS = {
+    # name: (factory, task_type, two target module names, extra LoraConfig kwargs)
+    "llama": (tiny_llama, "CAUSAL_LM", ("q_proj", "v_proj"), {}),
+    "gpt2": (tiny_gpt2, "CAUSAL_LM", ("c_attn", "c_proj"), {"fan_in_fan_out": True}),
+    "bert": (tiny_bert, "SEQ_CLS", ("query", "value"), {}),
+    "t5": (tiny_t5, "SEQ_2_SEQ_LM", ("q", "v"), {}),
+}
+
+
+def inputs_for(arch: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A batch the architecture's forward accepts (T5 also needs decoder inputs)."""
+    inputs = batch(seed)
+    if arch == "t5":
+        inputs["decoder_input_ids"] = batch(seed + 1, length=5)["input_ids"]
+    return inputs
+
+
+def lora_kwargs(arch: str, **overrides) -> dict:
+    """LoraConfig kwargs, the same for deltatune and peft: non-zero B so the adapter changes the output."""
+    _, task_type, targets, extra = ARCHS[arch]
+    kwargs = {"task_type": task_type, "target_modules": list(targets), "r": 4, "lora_alpha": 8,
+              "init_lora_weights": False, **extra}
+    kwargs.update(overrides)
+    return kwargs
+
+
+def logits(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def perturb_trainable(model, seed: int = 0, scale: float = 0.1) -> None:
+    """Move every trainable parameter (LoRA factors, modules_to_save copies, biases) away from its init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=g).to(param.dtype) * scale)

@@ -12,7 +12,14 @@ from deltatune.auto import (
 from deltatune.checkpoint import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
 from deltatune.config import PeftConfig, TaskType
 from deltatune.injection import inject_adapter_in_model
+from deltatune.methods.bitfit import BitFitConfig
+from deltatune.methods.bottleneck import BottleneckConfig
+from deltatune.methods.ia3 import IA3Config
+from deltatune.methods.ln_tuning import LNTuningConfig
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.p_tuning import PromptEncoderConfig
+from deltatune.methods.prefix_tuning import PrefixTuningConfig
+from deltatune.methods.prompt_tuning import PromptTuningConfig
 from deltatune.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -27,6 +34,10 @@ from deltatune.peft_model import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BitFitConfig",
+    "BottleneckConfig",
+    "IA3Config",
+    "LNTuningConfig",
     "AdapterLoadError",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
@@ -36,6 +47,9 @@ __all__ = [
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
     "LoraConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",

@@ -16,11 +16,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from deltatune.config import CONFIG_NAME
 from deltatune.layers import AdapterLayer
 from deltatune.modules_to_save import ModulesToSaveWrapper
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+PROMPT_KEY = "prompt_embeddings"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+MODEL_CARD_NAME = "README.md"
 
 
 class AdapterLoadError(ValueError):
@@ -57,23 +60,81 @@ def adapter_parameter_map(model: nn.Module, adapter_name: str, bias: str = "none
     return out
 
 
-def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default", bias: str | None = None
-                              ) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under peft's file keys (detached; ready for safetensors)."""
+def _prompt_encoder(model: nn.Module, adapter_name: str) -> nn.Module | None:
+    encoders = getattr(model, "prompt_encoder", None)
+    return encoders[adapter_name] if isinstance(encoders, nn.ModuleDict) and adapter_name in encoders else None
+
+
+def _bias_option(model: nn.Module, adapter_name: str, bias: str | None) -> str:
     if bias is None:
         config = getattr(model, "peft_config", {}).get(adapter_name)
         bias = getattr(config, "bias", "none")
-    return {k: p.detach() for k, p in adapter_parameter_map(model, adapter_name, bias).items()}
+    return bias
+
+
+def _peft_wrapper_bias_copies(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """Extra keys peft writes with bias="all": each modules_to_save wrapper's biases once more, under
+    `original_module.` and `modules_to_save.` (peft picks every key containing "bias").
+
+    deltatune writes them so the files match peft's key for key, and skips them on load: the first is the
+    frozen base bias, the second repeats the copy's own key.
+    """
+    out: dict[str, nn.Parameter] = {}
+    for name, wrapper in model.named_modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper) or adapter_name not in wrapper.modules_to_save:
+            continue
+        prefix = f"{name}." if name else ""
+        parts = {"original_module": wrapper.original_module, "modules_to_save": wrapper.modules_to_save[adapter_name]}
+        for part, module in parts.items():
+            for key, param in module.named_parameters():
+                if key.rpartition(".")[2] == "bias":
+                    out[f"{prefix}{part}.{key}"] = param
+    return out
+
+
+def _file_parameter_map(model: nn.Module, adapter_name: str, bias: str | None) -> dict[str, nn.Parameter]:
+    bias = _bias_option(model, adapter_name, bias)
+    params = adapter_parameter_map(model, adapter_name, bias)
+    if _prompt_encoder(model, adapter_name) is None:
+        return params
+    # peft's prompt-learning models hold the transformers model one level higher (`base_model.<name>`).
+    inner = "base_model.model."
+    return {("base_model." + k[len(inner):] if k.startswith(inner) else k): p for k, p in params.items()}
+
+
+def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default", bias: str | None = None
+                              ) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's file keys (detached; ready for safetensors).
+
+    A prompt-learning adapter is saved as its final table of virtual-token vectors (`prompt_embeddings`),
+    whatever encoder produced it, as peft does.
+    """
+    out = {k: p.detach() for k, p in _file_parameter_map(model, adapter_name, bias).items()}
+    if _bias_option(model, adapter_name, bias) == "all":
+        out.update({k: p.detach() for k, p in _peft_wrapper_bias_copies(model, adapter_name).items()})
+    encoder = _prompt_encoder(model, adapter_name)
+    if encoder is not None:
+        with torch.no_grad():
+            out[PROMPT_KEY] = encoder().detach()
+    return out
 
 
 def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str = "default",
                               bias: str | None = None, strict: bool = True, source: str = "the state dict"
                               ) -> None:
     """Copy file tensors into the adapter's live parameters; shape or key mismatches are errors."""
-    if bias is None:
-        config = getattr(model, "peft_config", {}).get(adapter_name)
-        bias = getattr(config, "bias", "none")
-    expected = adapter_parameter_map(model, adapter_name, bias)
+    expected = _file_parameter_map(model, adapter_name, bias)
+    encoder = _prompt_encoder(model, adapter_name)
+    if encoder is not None:
+        if not getattr(encoder, "is_table", False):
+            raise AdapterLoadError(
+                f"Adapter {adapter_name!r} has a trainable prompt encoder, and a saved prompt table cannot be "
+                "loaded into it: load the adapter with PeftModel.from_pretrained or load_adapter instead."
+            )
+        expected = {**expected, PROMPT_KEY: encoder.embedding.weight}
+    if _bias_option(model, adapter_name, bias) == "all":
+        copies = _peft_wrapper_bias_copies(model, adapter_name)
+        state_dict = {k: v for k, v in state_dict.items() if k not in copies}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if strict and (missing or unexpected):
@@ -98,42 +159,80 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
 
 
 # --- files -------------------------------------------------------------------------------------
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
+Writer = Callable[[str], None]
+
+
+def atomic_write_files(directory: str, writers: dict[str, Writer]) -> None:
+    """Write every file under a temporary name in `directory` first, and rename them all at the end.
+
+    An error or crash while any of them is being written leaves the folder as it was, with no temporary
+    files behind, so a failed save never damages the adapter that was there before.
+    """
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
+    staged: dict[str, str] = {}
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for name, write in writers.items():
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+            os.close(fd)
+            staged[tmp] = os.path.join(directory, name)
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        for tmp, path in staged.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
-def atomic_write_text(path: str, text: str) -> None:
+def _text_writer(text: str) -> Writer:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    _atomic_write(path, write)
+    return write
 
 
-def save_tensors(directory: str, tensors: dict[str, torch.Tensor], safe_serialization: bool = True) -> str:
-    """Write adapter weights atomically: safetensors, or peft's legacy .bin when asked."""
+def _weights_writer(tensors: dict[str, torch.Tensor], safe_serialization: bool) -> tuple[str, Writer]:
+    """(file name, writer): safetensors, or peft's legacy .bin when asked."""
     # safetensors refuses tensors that share storage (tied weights, views): store independent copies.
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     if safe_serialization:
-        path = os.path.join(directory, WEIGHTS_NAME)
-        _atomic_write(path, lambda tmp: save_file(plain, tmp, metadata={"format": "pt"}))
-    else:
-        path = os.path.join(directory, LEGACY_WEIGHTS_NAME)
-        _atomic_write(path, lambda tmp: torch.save(plain, tmp))
-    return path
+        return WEIGHTS_NAME, lambda tmp: save_file(plain, tmp, metadata={"format": "pt"})
+
+    def write_bin(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # torch.save derives an archive name from a path; ".tmp-…" is refused
+            torch.save(plain, f)
+
+    return LEGACY_WEIGHTS_NAME, write_bin
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_files(os.path.dirname(os.path.abspath(path)), {os.path.basename(path): _text_writer(text)})
+
+
+def save_tensors(directory: str, tensors: dict[str, torch.Tensor], safe_serialization: bool = True) -> str:
+    name, write = _weights_writer(tensors, safe_serialization)
+    atomic_write_files(directory, {name: write})
+    return os.path.join(directory, name)
+
+
+def save_adapter_folder(directory: str, tensors: dict[str, torch.Tensor], config_json: str,
+                        model_card: str | None = None, safe_serialization: bool = True) -> None:
+    """Write an adapter's weights, config and (if given) model card together (see atomic_write_files).
+
+    The weights file of the other format is removed afterwards: loading prefers safetensors, so a stale one
+    would shadow the weights just written.
+    """
+    name, write = _weights_writer(tensors, safe_serialization)
+    writers = {name: write, CONFIG_NAME: _text_writer(config_json)}
+    if model_card is not None:
+        writers[MODEL_CARD_NAME] = _text_writer(model_card)
+    atomic_write_files(directory, writers)
+    stale = os.path.join(directory, LEGACY_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME)
+    if os.path.exists(stale):
+        os.remove(stale)
 
 
 def load_adapter_weights(directory: str) -> tuple[dict[str, torch.Tensor], str]:
@@ -150,10 +249,13 @@ def load_adapter_weights(directory: str) -> tuple[dict[str, torch.Tensor], str]:
     legacy = os.path.join(directory, LEGACY_WEIGHTS_NAME)
     if os.path.isfile(legacy):
         try:
-            return torch.load(legacy, map_location="cpu", weights_only=True), legacy
+            state_dict = torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as err:
             raise AdapterLoadError(
                 f"{legacy} could not be read as a plain tensor file ({err}). deltatune never unpickles "
                 "arbitrary objects; convert the file to safetensors with a tool you trust."
             ) from err
+        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise AdapterLoadError(f"{legacy} holds something other than a dict of tensors: not an adapter file.")
+        return state_dict, legacy
     raise FileNotFoundError(f"No {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME} in {directory!r}.")

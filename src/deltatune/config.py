@@ -11,7 +11,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, ClassVar
 
 CONFIG_NAME = "adapter_config.json"
@@ -19,7 +19,7 @@ CONFIG_NAME = "adapter_config.json"
 PEFT_FORMAT_VERSION = "0.21.2"
 
 
-class TaskType(str, Enum):
+class TaskType(StrEnum):
     SEQ_CLS = "SEQ_CLS"
     SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
     CAUSAL_LM = "CAUSAL_LM"
@@ -36,6 +36,11 @@ def _check_task_type(task_type: str | None) -> str | None:
     if value not in known:
         raise ValueError(f"Unknown task_type {task_type!r}. Use one of {known}, or None for a custom model.")
     return value
+
+
+def ordered_names(names: Any) -> Any:
+    """Module-name sets (peft accepts them) serialise in random order: store them as a sorted list."""
+    return sorted(names) if isinstance(names, set | frozenset | tuple) else names
 
 
 @dataclass

@@ -101,7 +101,7 @@ def resolve_targets(model: nn.Module, config: PeftConfig, method: Method) -> lis
                 f"model_type={model_type!r}. Set target_modules, e.g. to some of these layer names: "
                 f"{_leaf_names(model, linear_only=True)}, or to 'all-linear'."
             )
-        return list(defaults[model_type])
+        return sorted(defaults[model_type])
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         excluded = _output_head_names(model, config)
         names = {
@@ -115,7 +115,7 @@ def resolve_targets(model: nn.Module, config: PeftConfig, method: Method) -> lis
         # Short leaf names when they select exactly the same layers, full names otherwise.
         same = {n for n, m in _user_modules(model) if _is_linear(m) and any(_ends_with(n, k) for k in leaves)}
         return leaves if same == names else sorted(names)
-    return targets
+    return sorted(targets) if isinstance(targets, list) else targets  # a list is a set of names to peft
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -148,6 +148,8 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> P
     The caller's config is never modified: the returned copy holds the concrete target list.
     """
     method = get_method(config.peft_type)
+    if method.prepare_config is not None:
+        config = method.prepare_config(model, config)
     targets = resolve_targets(model, config, method)
     resolved = dataclasses.replace(copy.deepcopy(config), target_modules=targets)
     matched = 0
@@ -167,12 +169,15 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> P
                 f"Target module {name} is a {type(module).__name__}, which {method.peft_type} cannot wrap. "
                 "Target linear, embedding or convolution layers instead."
             )
+        if new is module and not isinstance(new, AdapterLayer):
+            continue  # the method passes over this module (BitFit: a layer without a bias)
         if new is not module:
             _replace(model, name, new)
         matched += 1
     if matched == 0:
         raise ValueError(
-            f"target_modules={targets!r} matched no module of this model. Module names that exist: "
+            f"target_modules={targets!r} matched no module of this model that {method.peft_type} can adapt. "
+            f"Module names that exist: "
             f"{_leaf_names(model)}"
         )
     if getattr(resolved, "modules_to_save", None):
@@ -282,8 +287,13 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             _replace(model, name, wrapper.original_module)
 
 
-def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-    for _, layer in adapter_layers(model):
+def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False
+                   ) -> None:
+    layers = [layer for _, layer in adapter_layers(model)]
+    if safe_merge:  # check every layer before changing any: a refused merge leaves the model as it was
+        for layer in layers:
+            layer.check_merge(adapter_names)
+    for layer in layers:
         layer.merge(adapter_names, safe_merge=safe_merge)
 
 

@@ -18,6 +18,8 @@ class AdapterLayer(nn.Module):
     adapter_param_containers: tuple[str, ...] = ()
     # Other per-adapter attributes (plain dicts or ModuleDicts without parameters), removed on delete.
     adapter_state_attributes: tuple[str, ...] = ()
+    # The base layer's parameter that `delta_weight` changes when merging (BitFit changes the bias).
+    merged_parameter: str = "weight"
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -34,6 +36,15 @@ class AdapterLayer(nn.Module):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    # Model code reads these on the layers it owns (T5 checks `wo.weight.dtype`): answer for the base layer.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
 
     def adapter_parameters(self, adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(suffix, parameter) pairs of one adapter; the suffix is the checkpoint key without the adapter."""
@@ -55,29 +66,48 @@ class AdapterLayer(nn.Module):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged into the base weights: unmerge it first.")
         for attr in self.adapter_param_containers + self.adapter_state_attributes:
-            getattr(self, attr).pop(adapter_name, None)
+            container = getattr(self, attr)
+            if adapter_name in container:  # ModuleDict.pop takes no default
+                del container[adapter_name]
         self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
 
     # --- merging --------------------------------------------------------------------------------
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The change this adapter makes to `base_layer.weight`, in that weight's layout."""
+        """The change this adapter makes to the base layer's `merged_parameter`, in that tensor's layout."""
         raise NotImplementedError(f"{type(self).__name__} does not support merging")
 
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        weight = self.base_layer.weight
-        for name in adapter_names if adapter_names is not None else self.active_adapters:
-            if name in self.merged_adapters or name not in self.adapter_names:
-                continue
-            merged = weight.data + self.delta_weight(name).to(weight.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
+    def _to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        return [name for name in names if name not in self.merged_adapters and name in self.adapter_names]
+
+    def check_merge(self, adapter_names: list[str] | None = None) -> None:
+        """Raise ValueError if merging would write NaN or inf into the base layer.
+
+        safe_merge runs this on every layer before it changes any, so a refused merge leaves the whole model as
+        it was. Layers that override `merge` do their own check there.
+        """
+        if type(self).merge is not AdapterLayer.merge:
+            return
+        weight = getattr(self.base_layer, self.merged_parameter)
+        merged = weight.data
+        for name in self._to_merge(adapter_names):
+            merged = merged + self.delta_weight(name).to(weight.dtype)
+            if not torch.isfinite(merged).all():
                 raise ValueError(
-                    f"Merging adapter {name!r} would write NaN or inf into the base weights; nothing was changed."
+                    f"Merging adapter {name!r} would write NaN or inf into the base weights; "
+                    "nothing was changed."
                 )
-            weight.data = merged
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self.check_merge(adapter_names)
+        weight = getattr(self.base_layer, self.merged_parameter)
+        for name in self._to_merge(adapter_names):
+            weight.data = weight.data + self.delta_weight(name).to(weight.dtype)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        weight = self.base_layer.weight
+        weight = getattr(self.base_layer, self.merged_parameter)
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             weight.data -= self.delta_weight(name).to(weight.dtype)
@@ -85,6 +115,11 @@ class AdapterLayer(nn.Module):
     def use_base_only(self) -> bool:
         """True when forward must return the base layer's output alone (disabled, or already merged)."""
         return self.disabled or self.merged or not self.active_adapters
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in float32 beside a half-precision base (as peft does); otherwise in its dtype."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:

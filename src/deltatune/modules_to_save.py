@@ -37,7 +37,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.active_adapter = adapter_name if adapter_name in self.modules_to_save else None
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.modules_to_save.pop(adapter_name, None)
+        if adapter_name in self.modules_to_save:  # ModuleDict.pop takes no default
+            del self.modules_to_save[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,17 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune import injection
+from deltatune import injection, prompt_learning
 from deltatune.checkpoint import (
+    MODEL_CARD_NAME,
     AdapterLoadError,
-    atomic_write_text,
     get_peft_model_state_dict,
     load_adapter_weights,
-    save_tensors,
+    save_adapter_folder,
     set_peft_model_state_dict,
 )
 from deltatune.config import CONFIG_NAME, PeftConfig
 from deltatune.layers import adapter_layers
+from deltatune.registry import Method, get_method
 
 
 class TunedModel(nn.Module):
@@ -51,11 +53,28 @@ class PeftModel(nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
-        self.base_model = TunedModel(model)
-        self.peft_config: dict[str, PeftConfig] = {}
-        self.active_adapter = adapter_name
+        self._setup(model, adapter_name)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
+
+    def _setup(self, model: nn.Module, adapter_name: str) -> None:
+        self.base_model = TunedModel(model)
+        # Prompt-learning adapters keep their encoders here; layer adapters live inside the model.
+        self.prompt_encoder = nn.ModuleDict()
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter = adapter_name
+        self._adapters_disabled = False
+
+    @classmethod
+    def _from_file(cls, model: nn.Module, directory: str, adapter_name: str, config: PeftConfig) -> PeftModel:
+        """A PeftModel whose first adapter is built to receive saved weights (prompt tables, no init work)."""
+        peft_model = cls.__new__(cls)
+        nn.Module.__init__(peft_model)
+        peft_model._setup(model, adapter_name)
+        peft_model.add_adapter(adapter_name, config, _from_file=True)
+        peft_model.set_adapter(adapter_name)
+        peft_model._load_weights(directory, adapter_name)
+        return peft_model
 
     # --- attribute fallback -------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -84,8 +103,8 @@ class PeftModel(nn.Module):
             config.modules_to_save = [*(config.modules_to_save or []), *extra]
         return config
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        """Inject a new adapter (inactive unless it is the first one). The caller's config is not modified."""
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, _from_file: bool = False) -> None:
+        """Add a new adapter (inactive unless it is the first one). The caller's config is not modified."""
         if adapter_name in self.peft_config:
             raise ValueError(
                 f"An adapter named {adapter_name!r} already exists. Pick another name, or call "
@@ -94,14 +113,39 @@ class PeftModel(nn.Module):
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"Adapter names must be non-empty strings without '.', got {adapter_name!r}.")
         config = self._with_task_defaults(peft_config)
-        self.peft_config[adapter_name] = injection.inject_adapter(self.get_base_model(), config, adapter_name)
-        if adapter_name == self.active_adapter:
-            self._mark_trainable()
+        method = get_method(config.peft_type)
+        if method.create_prompt_encoder is not None:
+            self.peft_config[adapter_name] = self._add_prompt_encoder(method, config, adapter_name, _from_file)
         else:
+            self.peft_config[adapter_name] = injection.inject_adapter(self.get_base_model(), config, adapter_name)
+        if adapter_name != self.active_adapter:
             injection.set_active_adapters(self.get_base_model(), [self.active_adapter])
+        self._mark_trainable()  # a new inactive adapter stays frozen, as in peft
+
+    def _add_prompt_encoder(self, method: Method, config: PeftConfig, adapter_name: str, from_file: bool
+                            ) -> PeftConfig:
+        model = self.get_base_model()
+        config = prompt_learning.resolve_dims(config, model)
+        if config.is_prefix:
+            prompt_learning.check_can_carry_prefix(model)
+        word_embeddings = model.get_input_embeddings()
+        encoder = method.create_prompt_encoder(config, word_embeddings, from_file)
+        self.prompt_encoder[adapter_name] = encoder.to(word_embeddings.weight.device)
+        if config.modules_to_save:
+            injection.add_modules_to_save(model, config.modules_to_save, adapter_name)
+        return config
 
     def set_adapter(self, adapter_name: str) -> None:
+        """Switch the active adapter. Merged weights hold the old adapter, so they are unmerged first (as peft)."""
         self._check_known(adapter_name)
+        merged = any(layer.merged for _, layer in adapter_layers(self.get_base_model()))
+        if merged and adapter_name != self.active_adapter:
+            warnings.warn(
+                f"Adapter {self.active_adapter!r} is merged into the base weights; unmerging it to switch to "
+                f"{adapter_name!r}.",
+                stacklevel=2,
+            )
+            injection.unmerge_adapters(self.get_base_model())
         self.active_adapter = adapter_name
         injection.set_active_adapters(self.get_base_model(), [adapter_name])
         self._mark_trainable()
@@ -109,6 +153,8 @@ class PeftModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known(adapter_name)
         injection.delete_adapter(self.get_base_model(), adapter_name)
+        if adapter_name in self.prompt_encoder:  # ModuleDict.pop takes no default
+            del self.prompt_encoder[adapter_name]
         del self.peft_config[adapter_name]
         if adapter_name == self.active_adapter and self.peft_config:
             self.set_adapter(next(iter(self.peft_config)))
@@ -120,7 +166,10 @@ class PeftModel(nn.Module):
             )
 
     def _mark_trainable(self) -> None:
-        injection.mark_trainable(self, self.active_adapter, self.peft_config.get(self.active_adapter))
+        config = self.peft_config.get(self.active_adapter)
+        injection.mark_trainable(self, self.active_adapter, config)
+        if self.active_adapter in self.prompt_encoder and not config.inference_mode:
+            self.prompt_encoder[self.active_adapter].requires_grad_(True)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -129,9 +178,11 @@ class PeftModel(nn.Module):
         merged = [(layer, list(layer.merged_adapters)) for _, layer in adapter_layers(model)]
         injection.unmerge_adapters(model)
         injection.set_disabled(model, True)
+        self._adapters_disabled = True
         try:
             yield
         finally:
+            self._adapters_disabled = False
             injection.set_disabled(model, False)
             for layer, names in merged:
                 layer.merge(names)
@@ -147,9 +198,8 @@ class PeftModel(nn.Module):
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
     ) -> nn.Module:
         """Fold the adapter(s) into the base weights and return the plain transformers model."""
-        return injection.unload(
-            self.get_base_model(), merge=True, safe_merge=safe_merge, adapter_names=adapter_names or [self.active_adapter]
-        )
+        names = adapter_names or [self.active_adapter]
+        return injection.unload(self.get_base_model(), merge=True, safe_merge=safe_merge, adapter_names=names)
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original base model."""
@@ -163,11 +213,31 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     # --- forward -------------------------------------------------------------------------------
+    @property
+    def _prompt_active(self) -> bool:
+        return self.active_adapter in self.prompt_encoder and not self._adapters_disabled
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        if not self._prompt_active:
+            return self.base_model(*args, **kwargs)
+        if args:
+            kwargs["input_ids"] = args[0]
+            if len(args) > 1:
+                raise TypeError("With a prompt-learning adapter, pass inputs after input_ids as keywords.")
+        return self.base_model(**self._prompt_inputs(kwargs))
+
+    def _prompt_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The base model's inputs with this adapter's virtual tokens added."""
+        config = self.peft_config[self.active_adapter]
+        table = self.prompt_encoder[self.active_adapter]()
+        model = self.get_base_model()
+        if config.is_prefix:
+            return prompt_learning.prefix_inputs(model, config, table, kwargs)
+        return prompt_learning.embedding_inputs(model, config, table, kwargs)
 
     # --- files ---------------------------------------------------------------------------------
     def save_pretrained(
@@ -189,13 +259,11 @@ class PeftModel(nn.Module):
             return
         for name in names:
             out = save_directory if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(out, exist_ok=True)
-            save_tensors(out, get_peft_model_state_dict(self, name), safe_serialization)
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
-            config.save_pretrained(out)
-            if not os.path.exists(os.path.join(out, "README.md")):
-                atomic_write_text(os.path.join(out, "README.md"), _model_card(config))
+            card = None if os.path.exists(os.path.join(out, MODEL_CARD_NAME)) else _model_card(config)
+            tensors = get_peft_model_state_dict(self, name)
+            save_adapter_folder(out, tensors, config.to_json_string(), card, safe_serialization)
 
     @classmethod
     def from_pretrained(
@@ -214,8 +282,7 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         if cls is PeftModel:
             cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel)
-        peft_model = cls(model, config, adapter_name)
-        peft_model._load_weights(directory, adapter_name)
+        peft_model = cls._from_file(model, directory, adapter_name, config)
         if all_adapters:
             for sub in sorted(os.listdir(directory)):
                 if os.path.isfile(os.path.join(directory, sub, CONFIG_NAME)) and sub not in peft_model.peft_config:
@@ -227,7 +294,7 @@ class PeftModel(nn.Module):
         directory = resolve_adapter_dir(model_id)
         config = PeftConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, _from_file=True)
         try:
             self._load_weights(directory, adapter_name)
         except Exception:
@@ -235,6 +302,7 @@ class PeftModel(nn.Module):
             raise
 
     def _load_weights(self, directory: str, adapter_name: str) -> None:
+        """Read an adapter's files into the adapter `adapter_name`, which must already exist."""
         state_dict, path = load_adapter_weights(directory)
         set_peft_model_state_dict(self, state_dict, adapter_name, source=path)
 
@@ -266,12 +334,64 @@ def _model_card(config: PeftConfig) -> str:
 
 class PeftModelForCausalLM(PeftModel):
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.get_base_model().generate(*args, **kwargs)
+        """transformers' generate(); with a prompt adapter the output holds the input and new tokens only."""
+        if not self._prompt_active:
+            return self.get_base_model().generate(*args, **kwargs)
+        kwargs = _prompt_generate_kwargs(args, kwargs)
+        input_ids = kwargs.pop("input_ids")
+        config = self.peft_config[self.active_adapter]
+        model = self.get_base_model()
+        n = config.num_virtual_tokens
+        prepared = self._prompt_inputs({"input_ids": input_ids, "attention_mask": kwargs.pop("attention_mask", None)})
+        prepared.pop("position_ids", None)  # generate() derives the same positions from the attention mask
+        if config.is_prefix:
+            # Placeholder ids stand for the cached prefix so that transformers' cache bookkeeping lines up;
+            # they are cut from the output.
+            placeholder = torch.full_like(input_ids[:, :1], _placeholder_id(model)).expand(-1, n)
+            prepared["input_ids"] = torch.cat([placeholder, input_ids], dim=1)
+            prepared.pop("use_cache", None)
+            return model.generate(**prepared, **kwargs)[:, n:]
+        new_tokens = model.generate(**prepared, **kwargs)
+        return torch.cat([input_ids, new_tokens], dim=1)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.get_base_model().generate(*args, **kwargs)
+        if not self._prompt_active:
+            return self.get_base_model().generate(*args, **kwargs)
+        kwargs = _prompt_generate_kwargs(args, kwargs)
+        config = self.peft_config[self.active_adapter]
+        if config.is_prefix:
+            raise ValueError(
+                "generate() with a prefix adapter on an encoder-decoder model is not supported yet; "
+                "use prompt tuning or P-tuning for seq2seq generation."
+            )
+        prepared = self._prompt_inputs(
+            {"input_ids": kwargs.pop("input_ids"), "attention_mask": kwargs.pop("attention_mask", None)}
+        )
+        return self.get_base_model().generate(**prepared, **kwargs)
+
+
+def _prompt_generate_kwargs(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(kwargs)
+    if args:
+        kwargs["input_ids"] = args[0]
+    if kwargs.get("input_ids") is None:
+        raise ValueError("generate() with a prompt-learning adapter needs input_ids.")
+    if kwargs.get("inputs_embeds") is not None or kwargs.get("past_key_values") is not None:
+        raise ValueError("generate() with a prompt-learning adapter builds inputs_embeds and the cache itself.")
+    return kwargs
+
+
+def _placeholder_id(model: nn.Module) -> int:
+    config = getattr(model, "generation_config", None)
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
 
 
 class PeftModelForSequenceClassification(PeftModel):

@@ -18,8 +18,15 @@ class Method:
 
     `layer_cls` is the base class of the method's injected layers.
     `create_layer(target, adapter_name, config, module_name)` wraps one matched module in the method's
-    adapter layer; returning None means "this module type is not supported" (the injector reports it).
+    adapter layer; returning None means "this module type is not supported" (the injector reports it);
+    returning the module unchanged means "nothing to adapt here, pass over it" (BitFit, a layer without bias).
     `default_targets` maps a transformers `model_type` to the module names used when target_modules is None.
+    `prepare_config(model, config)`, if given, returns a copy of the config completed with what only the model
+    can tell (IA3's feedforward_modules for the architecture); it runs before target matching and must not
+    modify its argument.
+    `create_prompt_encoder(config, word_embeddings, table_only)` builds a prompt-learning method's encoder, a
+    module whose forward() returns its table of virtual-token vectors; `table_only` (loading a saved table)
+    asks for the plain table form.
     """
 
     peft_type: str
@@ -27,6 +34,8 @@ class Method:
     layer_cls: type[nn.Module] | None = None
     create_layer: Callable[[nn.Module, str, PeftConfig, str], nn.Module | None] | None = None
     default_targets: dict[str, list[str]] | None = None
+    prepare_config: Callable[[nn.Module, PeftConfig], PeftConfig] | None = None
+    create_prompt_encoder: Callable[[PeftConfig, nn.Module, bool], nn.Module] | None = None
 
 
 _METHODS: dict[str, Method] = {}

@@ -15,17 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from deltatune.layers import AdapterLayer
+from deltatune.layers import AdapterLayer, adapter_dtype
 from deltatune.methods.lora.config import LoraConfig
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Adapters train in float32 beside a half-precision base (as peft does); otherwise in its dtype."""
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
 class LoraLayer(AdapterLayer):

@@ -1,0 +1,308 @@
+"""PeftModel: merging, disabling, several adapters, tied modules_to_save, modes, dtypes, checkpointing."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import ARCHS, inputs_for, logits, lora_kwargs, max_diff, perturb_trainable, tiny_llama
+
+import deltatune
+from deltatune.layers import AdapterLayer
+from deltatune.modules_to_save import ModulesToSaveWrapper
+
+TOL = 1e-5
+
+
+def peft_model(arch: str, seed: int = 0, **overrides) -> deltatune.PeftModel:
+    model = deltatune.get_peft_model(ARCHS[arch][0](), deltatune.LoraConfig(**lora_kwargs(arch, **overrides)))
+    perturb_trainable(model, seed)
+    return model.eval()
+
+
+def base_logits(arch: str) -> torch.Tensor:
+    return logits(ARCHS[arch][0](), inputs_for(arch))
+
+
+def trainable_names(model) -> list[str]:
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    ("task_type", "cls"),
+    [("CAUSAL_LM", deltatune.PeftModelForCausalLM), (None, deltatune.PeftModel)],
+)
+def test_get_peft_model_picks_the_task_class(task_type, cls):
+    model = deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(task_type=task_type))
+    assert type(model) is cls
+    assert model.get_base_model() is model.base_model.model
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_merge_unmerge_and_merge_and_unload_keep_outputs(arch):
+    model = peft_model(arch)
+    inputs = inputs_for(arch)
+    expected = logits(model, inputs)
+    assert max_diff(expected, base_logits(arch)) > 1e-3
+    model.merge_adapter()
+    assert all(layer.merged for _, layer in deltatune.layers.adapter_layers(model))
+    assert max_diff(logits(model, inputs), expected) < TOL
+    model.unmerge_adapter()
+    assert max_diff(logits(model, inputs), expected) < TOL
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, AdapterLayer | ModulesToSaveWrapper) for m in merged.modules())
+    assert type(merged) is type(ARCHS[arch][0]())
+    assert max_diff(logits(merged, inputs), expected) < TOL
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_unload_gives_back_the_exact_base_model(arch):
+    model = peft_model(arch)
+    base = model.unload()
+    assert not any(isinstance(m, AdapterLayer | ModulesToSaveWrapper) for m in base.modules())
+    assert torch.equal(logits(base, inputs_for(arch)), base_logits(arch))
+    assert sorted(base.state_dict()) == sorted(ARCHS[arch][0]().state_dict())
+
+
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_disable_adapter_runs_the_base_model(arch, merged):
+    model = peft_model(arch)
+    inputs = inputs_for(arch)
+    expected = logits(model, inputs)
+    if merged:
+        model.merge_adapter()
+    with model.disable_adapter():
+        disabled = logits(model, inputs)
+    assert max_diff(disabled, base_logits(arch)) < TOL
+    if not merged:
+        assert torch.equal(disabled, base_logits(arch))
+    assert max_diff(logits(model, inputs), expected) < TOL  # back on (and merged again) afterwards
+    assert all(layer.merged == merged for _, layer in deltatune.layers.adapter_layers(model))
+
+
+def two_adapter_llama() -> deltatune.PeftModel:
+    model = peft_model("llama")
+    model.add_adapter("other", deltatune.LoraConfig(**lora_kwargs("llama", r=2, target_modules=["k_proj"])))
+    model.set_adapter("other")
+    perturb_trainable(model, seed=7)
+    model.set_adapter("default")
+    return model
+
+
+def test_two_adapters_switch_without_reloading_the_base():
+    model = two_adapter_llama()
+    inputs = inputs_for("llama")
+    base_ids = {id(p) for n, p in model.named_parameters() if "lora_" not in n}
+    default = logits(model, inputs)
+    assert all(".default." in n for n in trainable_names(model))
+    model.set_adapter("other")
+    other = logits(model, inputs)
+    assert max_diff(default, other) > 1e-3
+    assert trainable_names(model) and all(".other." in n and "k_proj" in n for n in trainable_names(model))
+    assert {id(p) for n, p in model.named_parameters() if "lora_" not in n} == base_ids
+    model.set_adapter("default")
+    assert torch.equal(logits(model, inputs), default)
+    assert model.active_adapters == ["default"]
+
+
+def test_delete_adapter_removes_its_modules_and_keeps_the_other():
+    model = two_adapter_llama()
+    inputs = inputs_for("llama")
+    model.set_adapter("other")
+    other = logits(model, inputs)
+    model.delete_adapter("default")
+    assert list(model.peft_config) == ["other"] and model.active_adapter == "other"
+    assert not any(".default." in k for k in model.state_dict())
+    assert torch.equal(logits(model, inputs), other)
+    # q_proj / v_proj only carried "default": they are plain Linear layers again.
+    attn = model.get_base_model().model.layers[0].self_attn
+    assert type(attn.q_proj) is torch.nn.Linear and isinstance(attn.k_proj, AdapterLayer)
+    with pytest.raises(ValueError, match="No adapter named 'default'.*other"):
+        model.set_adapter("default")
+
+
+def test_save_and_load_both_adapters(tmp_path):
+    model = two_adapter_llama()
+    inputs = inputs_for("llama")
+    expected = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        expected[name] = logits(model, inputs)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "other" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "other" / "adapter_config.json").read_text())["target_modules"] == ["k_proj"]
+
+    everything = deltatune.PeftModel.from_pretrained(ARCHS["llama"][0](), tmp_path, all_adapters=True)
+    one_by_one = deltatune.PeftModel.from_pretrained(ARCHS["llama"][0](), tmp_path)
+    assert list(one_by_one.peft_config) == ["default"]
+    one_by_one.load_adapter(tmp_path / "other", "other")
+    for loaded in (everything, one_by_one):
+        assert sorted(loaded.peft_config) == ["default", "other"]
+        for name in ("default", "other"):
+            loaded.set_adapter(name)
+            assert max_diff(logits(loaded, inputs), expected[name]) < TOL, name
+
+
+def test_selected_adapters_saves_only_those(tmp_path):
+    model = two_adapter_llama()
+    model.save_pretrained(tmp_path, selected_adapters=["other"])
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    assert (tmp_path / "other" / "adapter_model.safetensors").is_file()
+
+
+def test_adapter_name_errors_are_clear():
+    model = peft_model("llama")
+    with pytest.raises(ValueError, match="'default' already exists.*delete_adapter"):
+        model.add_adapter("default", deltatune.LoraConfig(**lora_kwargs("llama")))
+    with pytest.raises(ValueError, match="No adapter named 'missing'.*'default'"):
+        model.set_adapter("missing")
+    with pytest.raises(ValueError, match="No adapter named 'missing'"):
+        model.delete_adapter("missing")
+
+
+def test_add_adapter_does_not_change_the_active_one():
+    model = peft_model("llama")
+    inputs = inputs_for("llama")
+    before = logits(model, inputs)
+    model.add_adapter("other", deltatune.LoraConfig(**lora_kwargs("llama")))
+    assert model.active_adapter == "default"
+    assert torch.equal(logits(model, inputs), before)
+    assert all(".default." in n for n in trainable_names(model))
+
+
+def sgd_step(model, inputs, lr: float = 0.5) -> None:
+    model.train()
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.grad is not None:
+                param -= lr * param.grad
+    model.zero_grad()
+    model.eval()
+
+
+def test_tied_lm_head_copy_stays_tied_through_train_save_load_merge(tmp_path):
+    inputs = inputs_for("llama")
+    config = deltatune.LoraConfig(**lora_kwargs("llama", modules_to_save=["lm_head"]))
+    model = deltatune.get_peft_model(tiny_llama(tie=True), config)
+    inner = model.get_base_model()
+    embed, head = inner.get_input_embeddings(), inner.lm_head
+    assert isinstance(embed, ModulesToSaveWrapper) and isinstance(head, ModulesToSaveWrapper)
+    assert embed.weight is head.weight  # the copies share one Parameter
+    original = head.original_module.weight.detach().clone()
+
+    sgd_step(model, inputs)
+    trained = head.weight.detach().clone()
+    assert embed.weight is head.weight
+    assert not torch.equal(trained, original)
+    assert torch.equal(head.original_module.weight, original)  # the base stays frozen
+    expected = logits(model, inputs)
+
+    model.save_pretrained(tmp_path)
+    saved = deltatune.checkpoint.load_file(tmp_path / "adapter_model.safetensors")
+    assert [k for k in saved if "embed_tokens" in k] == []  # the tied partner is not saved twice
+    loaded = deltatune.PeftModel.from_pretrained(tiny_llama(tie=True), tmp_path).eval()
+    loaded_inner = loaded.get_base_model()
+    assert loaded_inner.get_input_embeddings().weight is loaded_inner.lm_head.weight
+    assert torch.equal(loaded_inner.lm_head.weight, trained)
+    assert max_diff(logits(loaded, inputs), expected) < TOL
+
+    merged = loaded.merge_and_unload()
+    assert merged.get_input_embeddings().weight is merged.lm_head.weight
+    assert torch.equal(merged.lm_head.weight, trained)
+    assert max_diff(logits(merged, inputs), expected) < TOL
+
+
+def test_train_and_eval_reach_the_base_model():
+    model = peft_model("bert", lora_dropout=0.1)
+    model.train()
+    assert all(m.training for m in model.modules())
+    model.eval()
+    assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_to_dtype_moves_base_and_adapter(dtype):
+    model = peft_model("llama")
+    inputs = inputs_for("llama")
+    expected = logits(model, inputs)
+    model.to(dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    out = logits(model, inputs)
+    assert out.dtype == dtype
+    assert max_diff(out, expected) < (1e-5 if dtype == torch.float64 else 0.1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gradient_checkpointing_still_gives_lora_gradients(arch):
+    inputs = inputs_for(arch)
+    grads = []
+    for checkpointing in (False, True):
+        model = peft_model(arch)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.get_base_model().is_gradient_checkpointing
+        model.train()
+        for module in model.modules():  # no dropout: both runs must compute the same thing
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    plain, checkpointed = grads
+    assert sorted(plain) == sorted(checkpointed)
+    for name, grad in plain.items():
+        assert checkpointed[name] is not None, f"no gradient for {name} with gradient checkpointing"
+        assert max_diff(checkpointed[name], grad) < TOL, name
+
+
+def test_trainable_parameter_count():
+    model = deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(r=4, target_modules=["q_proj"]))
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == 2 * (4 * 32 + 32 * 4)  # two layers, A (4x32) and B (32x4)
+    assert total == sum(p.numel() for p in tiny_llama().parameters()) + trainable
+
+
+def test_config_object_of_the_caller_is_not_modified():
+    config = deltatune.LoraConfig(task_type="SEQ_CLS", target_modules="all-linear")
+    before = copy.deepcopy(config.to_dict())
+    model = deltatune.get_peft_model(ARCHS["bert"][0](), config)
+    model.add_adapter("other", config)
+    assert config.to_dict() == before
+    assert model.peft_config["default"].modules_to_save == ["classifier", "score"]
+    assert isinstance(model.peft_config["default"].target_modules, list)
+
+
+def test_set_adapter_while_merged_unmerges_first():
+    model = two_adapter_llama()
+    inputs = inputs_for("llama")
+    model.set_adapter("other")
+    other = logits(model, inputs)
+    model.set_adapter("default")
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="unmerging"):
+        model.set_adapter("other")
+    assert max_diff(logits(model, inputs), other) < TOL
+
+
+def test_deleting_a_merged_adapter_is_refused_until_unmerged():
+    model = two_adapter_llama()
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged.*unmerge it first"):
+        model.delete_adapter("default")
+    assert sorted(model.peft_config) == ["default", "other"]
+    model.unmerge_adapter()
+    model.delete_adapter("default")
+    assert list(model.peft_config) == ["other"]
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_fresh_adapter_leaves_every_model_unchanged(arch, init):
+    config = deltatune.LoraConfig(**lora_kwargs(arch, init_lora_weights=init))
+    model = deltatune.get_peft_model(ARCHS[arch][0](), config).eval()
+    assert torch.equal(logits(model, inputs_for(arch)), base_logits(arch))

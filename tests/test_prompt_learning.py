@@ -1,0 +1,255 @@
+"""Prompt tuning, prefix tuning and P-tuning: interop with peft, generation, training, bad input."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from conftest import tiny_bert, tiny_llama, tiny_t5
+
+import deltatune as dt
+from deltatune.methods.p_tuning import PromptEncoderConfig
+from deltatune.methods.prefix_tuning import PrefixTuningConfig
+from deltatune.methods.prompt_tuning import PromptTuningConfig
+
+N = 4
+METHODS = {
+    "prompt": (PromptTuningConfig, peft.PromptTuningConfig, {}),
+    "prefix": (PrefixTuningConfig, peft.PrefixTuningConfig, {"prefix_projection": True, "encoder_hidden_size": 16}),
+    "prefix_plain": (PrefixTuningConfig, peft.PrefixTuningConfig, {}),
+    "p_tuning_mlp": (PromptEncoderConfig, peft.PromptEncoderConfig, {"encoder_hidden_size": 16}),
+    "p_tuning_lstm": (
+        PromptEncoderConfig, peft.PromptEncoderConfig,
+        {"encoder_hidden_size": 16, "encoder_reparameterization_type": "LSTM"},
+    ),
+}
+MODELS = {"llama": (tiny_llama, "CAUSAL_LM"), "t5": (tiny_t5, "SEQ_2_SEQ_LM")}
+
+IDS = torch.tensor([[0, 0, 5, 6, 7, 9], [1, 2, 3, 4, 5, 6]])
+MASK = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+
+
+def make(method: str, model: str = "llama", seed: int = 3, lib=dt):
+    ours, theirs, kwargs = METHODS[method]
+    factory, task = MODELS[model]
+    config_cls = ours if lib is dt else theirs
+    torch.manual_seed(seed)
+    return lib.get_peft_model(factory(), config_cls(task_type=task, num_virtual_tokens=N, **kwargs)).eval()
+
+
+def inputs(model: str) -> dict:
+    if model == "t5":
+        return {"input_ids": IDS, "attention_mask": MASK, "decoder_input_ids": torch.tensor([[0, 5, 6], [0, 7, 8]])}
+    # peft places real tokens at positions n.. whatever the padding; explicit positions reproduce that.
+    return {"input_ids": IDS, "attention_mask": MASK, "position_ids": torch.arange(IDS.shape[1]).expand(2, -1)}
+
+
+def randomize_prompts(peft_model) -> None:
+    with torch.no_grad():
+        for param in peft_model.prompt_encoder.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("method", METHODS)
+def test_interop_with_peft_both_ways(method, model, tmp_path):
+    ours = make(method, model)
+    randomize_prompts(ours)
+    ours.save_pretrained(tmp_path / "ours")
+    factory, _ = MODELS[model]
+    theirs = peft.PeftModel.from_pretrained(factory(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        expected = ours(**inputs(model)).logits
+        peft_inputs = {k: v for k, v in inputs(model).items() if k != "position_ids"}
+        assert (theirs(**peft_inputs).logits - expected).abs().max() < 1e-4
+
+    theirs = make(method, model, seed=5, lib=peft)
+    randomize_prompts(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = dt.PeftModel.from_pretrained(factory(), tmp_path / "theirs")
+    with torch.no_grad():
+        assert (loaded(**inputs(model)).logits - theirs(**peft_inputs).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "p_tuning_mlp"])
+def test_config_keys_and_file_keys_match_peft(method, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    make(method).save_pretrained(tmp_path / "ours")
+    make(method, lib=peft).save_pretrained(tmp_path / "theirs")
+    ours_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs_cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert set(ours_cfg) == set(theirs_cfg)
+    for key in ("num_layers", "token_dim", "num_attention_heads", "num_transformer_submodules"):
+        assert ours_cfg[key] == theirs_cfg[key], key
+    ours_sd = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    theirs_sd = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in ours_sd.items()} == {k: v.shape for k, v in theirs_sd.items()}
+
+
+def greedy_by_forward(model, ids, mask, steps):
+    for _ in range(steps):
+        token = model(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, token], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("method", ["prompt", "prefix", "p_tuning_mlp"])
+def test_generate_equals_repeated_forward(method, use_cache):
+    model = make(method)
+    randomize_prompts(model)
+    with torch.no_grad():
+        expected = greedy_by_forward(model, IDS, MASK, 6)
+        out = model.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=6, do_sample=False,
+                             use_cache=use_cache, pad_token_id=0)
+        with model.disable_adapter():
+            base = model.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=6, do_sample=False,
+                                  pad_token_id=0)
+    assert torch.equal(out, expected)
+    assert not torch.equal(base, expected)  # the adapter really changes the generation
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "p_tuning_mlp"])
+def test_sampling_returns_only_real_tokens(method):
+    model = make(method)
+    torch.manual_seed(0)
+    out = model.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=5, do_sample=True, top_k=20,
+                         pad_token_id=0)
+    assert out.shape == (2, IDS.shape[1] + 5)
+    assert torch.equal(out[:, : IDS.shape[1]], IDS)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "p_tuning_mlp"])
+def test_left_padded_row_equals_unpadded_row(method):
+    model = make(method)
+    randomize_prompts(model)
+    with torch.no_grad():
+        padded = model(input_ids=IDS[:1], attention_mask=MASK[:1]).logits[0, -4:]
+        alone = model(input_ids=IDS[:1, 2:]).logits[0, -4:]
+    assert (padded - alone).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "p_tuning_mlp", "p_tuning_lstm"])
+def test_training_changes_only_prompt_parameters(method):
+    model = make(method)
+    model.train()
+    base_before = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(any(p is q for q in model.prompt_encoder.parameters()) for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=5e-2)
+    ids = torch.randint(1, 128, (4, 8), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for key, value in model.get_base_model().state_dict().items():
+        assert torch.equal(value, base_before[key]), key
+
+
+def test_labels_of_virtual_positions_are_ignored():
+    model = make("prompt")
+    randomize_prompts(model)
+    ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    out = model(input_ids=ids, labels=ids)
+    logits = out.logits[:, N - 1 : -1]  # positions predicting real tokens; the last virtual one predicts the first
+    manual = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
+    assert torch.allclose(out.loss, manual, atol=1e-6)
+
+
+def test_trainable_parameter_count_is_tiny():
+    model = make("prompt")
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == N * 32
+    assert total == trainable + sum(p.numel() for p in tiny_llama().parameters())
+
+
+def test_switch_between_prompt_adapters_without_reloading(tmp_path):
+    model = make("prompt")
+    randomize_prompts(model)
+    model.add_adapter("other", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6))
+    base = model.get_base_model()
+    with torch.no_grad():
+        first = model(input_ids=IDS).logits
+        model.set_adapter("other")
+        second = model(input_ids=IDS).logits
+        model.set_adapter("default")
+        again = model(input_ids=IDS).logits
+    assert model.get_base_model() is base
+    assert second.shape[1] == IDS.shape[1] + 6 and first.shape[1] == IDS.shape[1] + N
+    assert torch.equal(first, again)
+    assert [p for p in model.parameters() if p.requires_grad][0] is model.prompt_encoder["default"].embedding.weight
+    model.save_pretrained(tmp_path)
+    loaded = dt.PeftModel.from_pretrained(tiny_llama(), tmp_path, all_adapters=True)
+    assert sorted(loaded.peft_config) == ["default", "other"]
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=IDS).logits, first, atol=1e-6)
+
+
+def test_sequence_classification_trains_prompt_and_head():
+    torch.manual_seed(0)
+    model = dt.get_peft_model(tiny_bert(), PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("prompt_encoder" in n for n in names) and any("classifier" in n for n in names)
+    out = model(input_ids=IDS, attention_mask=MASK, token_type_ids=torch.zeros_like(IDS), labels=torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 3) and out.loss is not None
+
+
+def write_tokenizer(path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "classify": 1, "the": 2, "sentiment": 3, ":": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+
+
+@pytest.mark.parametrize("num_virtual_tokens, expected_ids", [(8, [1, 2, 3, 4, 1, 2, 3, 4]), (3, [1, 2, 3])])
+def test_text_init_copies_the_embeddings_of_the_text(tmp_path, num_virtual_tokens, expected_ids):
+    write_tokenizer(tmp_path)
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="classify the sentiment :", tokenizer_name_or_path=str(tmp_path),
+    )
+    model = dt.get_peft_model(tiny_llama(), config)
+    table = model.prompt_encoder["default"].embedding.weight
+    embeddings = model.get_base_model().get_input_embeddings().weight
+    assert torch.equal(table, embeddings[expected_ids])
+
+
+@pytest.mark.parametrize(
+    "make_config, message",
+    [
+        (lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=0), "num_virtual_tokens"),
+        (lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=-2), "num_virtual_tokens"),
+        (lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT",
+                                    tokenizer_name_or_path="x"), "prompt_tuning_init_text"),
+        (lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT",
+                                    prompt_tuning_init_text="hi"), "tokenizer_name_or_path"),
+        (lambda: PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                     encoder_reparameterization_type="GRU"), "encoder_reparameterization_type"),
+    ],
+)
+def test_bad_configs(make_config, message):
+    with pytest.raises(ValueError, match=message):
+        make_config()
+
+
+def test_missing_tokenizer_path_is_a_clear_error(tmp_path):
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init="TEXT",
+                                prompt_tuning_init_text="hi", tokenizer_name_or_path=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="tokenizer_name_or_path"):
+        dt.get_peft_model(tiny_llama(), config)
+
+
+def test_prefix_on_a_model_without_a_kv_cache_is_refused():
+    with pytest.raises(ValueError, match="Prefix tuning needs a model that reads a KV cache.*bert"):
+        dt.get_peft_model(tiny_bert(), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
