@@ -152,8 +152,10 @@ def test_head_for_a_new_label_count_does_not_load_onto_the_old_head(kind, vit_ch
         PeftModel.from_pretrained(make_model(kind, vit_checkpoint, num_labels=PRETRAINED_LABELS), tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="LoRA/IA3 default targets for 'vit' name modules of transformers < 5 "
-                   "(query, value, output.dense); ViT now has q_proj/k_proj/v_proj/o_proj and mlp.fc1/fc2")
 @pytest.mark.parametrize("config_cls", [LoraConfig, IA3Config])
 def test_default_targets_for_vit(config_cls, vit_checkpoint):
-    get_peft_model(vit(vit_checkpoint), config_cls(modules_to_save=["classifier"]))
+    model = get_peft_model(vit(vit_checkpoint), config_cls(modules_to_save=["classifier"]))
+    from deltatune.layers import adapter_layers
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in adapter_layers(model)}
+    assert names and names <= {"q_proj", "k_proj", "v_proj", "fc2"}

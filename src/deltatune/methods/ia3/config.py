@@ -36,7 +36,7 @@ IA3_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
     "roberta": (["key", "value", "output.dense"], ["output.dense"]),
     "deberta": (["in_proj", "output.dense"], ["output.dense"]),
     "deberta-v2": (["key_proj", "value_proj", "output.dense"], ["output.dense"]),
-    "vit": (["key", "value", "output.dense"], ["output.dense"]),
+    "vit": (["k_proj", "v_proj", "fc2"], ["fc2"]),
     "t5": (["k", "v", "wo"], ["wo"]),
     "mt5": (["k", "v", "wi_1"], []),
 }

@@ -31,7 +31,7 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
     "xlm-roberta": ["query", "value"],
     "electra": ["query", "value"],
     "deberta-v2": ["query_proj", "value_proj"],
-    "vit": ["query", "value"],
+    "vit": ["q_proj", "v_proj"],
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
 }
