@@ -19,6 +19,9 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+# Tiny matrices gain nothing from intra-op threads, and spinning worker threads make a 2-core run ~10x slower.
+torch.set_num_threads(1)
+
 
 def tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(seed)

@@ -24,6 +24,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PROMPT_KEY = "prompt_embeddings"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 MODEL_CARD_NAME = "README.md"
+# Layer names for which peft also saves the base weights of an adapted layer (see _peft_embedding_base_weights).
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 class AdapterLoadError(ValueError):
@@ -92,6 +94,25 @@ def _peft_wrapper_bias_copies(model: nn.Module, adapter_name: str) -> dict[str, 
     return out
 
 
+def _peft_embedding_base_weights(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """Base weights peft writes beside the adapter when it adapts a layer named embed_tokens or lm_head (peft's
+    `save_embedding_layers="auto"`, for a vocabulary resized before training), under `<layer>.base_layer.weight`.
+
+    deltatune writes them too, so the files match peft's key for key, and loads them into the frozen base layer
+    when a file has them.
+    """
+    out: dict[str, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, AdapterLayer)
+            and adapter_name in module.adapter_names
+            and name.rpartition(".")[2] in EMBEDDING_LAYER_NAMES
+            and isinstance(module.base_layer, nn.Embedding | nn.Linear)
+        ):
+            out[f"{name}.base_layer.weight"] = module.base_layer.weight
+    return out
+
+
 def _file_parameter_map(model: nn.Module, adapter_name: str, bias: str | None) -> dict[str, nn.Parameter]:
     bias = _bias_option(model, adapter_name, bias)
     params = adapter_parameter_map(model, adapter_name, bias)
@@ -112,6 +133,7 @@ def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default", b
     out = {k: p.detach() for k, p in _file_parameter_map(model, adapter_name, bias).items()}
     if _bias_option(model, adapter_name, bias) == "all":
         out.update({k: p.detach() for k, p in _peft_wrapper_bias_copies(model, adapter_name).items()})
+    out.update({k: p.detach() for k, p in _peft_embedding_base_weights(model, adapter_name).items()})
     encoder = _prompt_encoder(model, adapter_name)
     if encoder is not None:
         with torch.no_grad():
@@ -135,8 +157,9 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     if _bias_option(model, adapter_name, bias) == "all":
         copies = _peft_wrapper_bias_copies(model, adapter_name)
         state_dict = {k: v for k, v in state_dict.items() if k not in copies}
+    optional = _peft_embedding_base_weights(model, adapter_name)
     missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+    unexpected = sorted(set(state_dict) - set(expected) - set(optional))
     if strict and (missing or unexpected):
         raise AdapterLoadError(
             f"{source} does not fit adapter {adapter_name!r} of this model.\n"
@@ -144,7 +167,7 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
             f"  unexpected keys ({len(unexpected)}): {unexpected[:10]}\n"
             "Check that the adapter was trained for this base model and the same target_modules."
         )
-    for key, param in expected.items():
+    for key, param in {**expected, **optional}.items():
         if key not in state_dict:
             continue
         tensor = state_dict[key]
