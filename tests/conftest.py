@@ -110,3 +110,38 @@ def perturb_trainable(model, seed: int = 0, scale: float = 0.1) -> None:
         for _, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=g).to(param.dtype) * scale)
+
+
+# --- embedded real models (src/deltatune/embedded.py) ---------------------------------------------------------
+@pytest.fixture(scope="session")
+def embedded_cache():
+    """One deltatune cache for the whole session, exported as $DELTATUNE_CACHE so that code under test (and CLI
+    subprocesses) finds the models prepared here: each real model is downloaded and converted once per session.
+    Set DELTATUNE_TEST_CACHE to a folder to keep the prepared models between sessions."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    kept = os.environ.get("DELTATUNE_TEST_CACHE")
+    path = Path(kept) if kept else Path(tempfile.mkdtemp(prefix="deltatune-cache-"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DELTATUNE_CACHE", str(path))
+        yield path
+    if not kept:
+        shutil.rmtree(path, ignore_errors=True)  # ~0.6 GB: not left for pytest's tmp rotation
+
+
+@pytest.fixture(scope="session")
+def prepared_smollm2(embedded_cache):
+    """The folder of the real SmolLM2-135M-Instruct (safetensors, tokenizer, chat template), prepared once."""
+    from deltatune.embedded import prepare
+
+    return prepare("smollm2-135m-instruct", cache_dir=embedded_cache)
+
+
+@pytest.fixture(scope="session")
+def prepared_minilm(embedded_cache):
+    """The folder of the real all-MiniLM-L6-v2 BERT encoder, prepared once."""
+    from deltatune.embedded import prepare
+
+    return prepare("all-minilm-l6-v2", cache_dir=embedded_cache)

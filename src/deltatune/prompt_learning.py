@@ -85,16 +85,25 @@ def resolve_dims(config: PromptLearningConfig, model: nn.Module) -> PromptLearni
     return config
 
 
+# The names transformers has given the KV-cache argument of forward(), newest first (5.24 renamed it).
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument(model: nn.Module) -> str | None:
+    """The name under which this model's forward() takes a KV cache, or None if it takes none."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+
+
 def check_can_carry_prefix(model: nn.Module) -> None:
     model_config = getattr(model, "config", None)
     is_decoder = getattr(model_config, "is_encoder_decoder", False) or getattr(model_config, "is_decoder", False)
     is_generative = callable(getattr(model, "can_generate", None)) and model.can_generate()
-    accepts_cache = "past_key_values" in inspect.signature(model.forward).parameters
-    if not accepts_cache or not (is_decoder or is_generative):
+    if cache_argument(model) is None or not (is_decoder or is_generative):
         model_type = getattr(model_config, "model_type", type(model).__name__)
         raise ValueError(
             f"Prefix tuning needs a model that reads a KV cache, and {model_type} ({type(model).__name__}) does "
-            "not use past_key_values in its forward pass. Use prompt tuning or P-tuning for this model."
+            "not use one in its forward pass. Use prompt tuning or P-tuning for this model."
         )
 
 
@@ -186,9 +195,9 @@ def prefix_inputs(model: nn.Module, config: PromptLearningConfig, table: torch.T
                   kwargs: dict[str, Any]) -> dict[str, Any]:
     """Model inputs with the prefix in a fresh KV cache (prefix tuning)."""
     kwargs = dict(kwargs)
-    if kwargs.get("past_key_values") is not None:
+    if any(kwargs.get(name) is not None for name in CACHE_ARGUMENTS):
         raise ValueError(
-            "forward() with a prefix adapter builds its own KV cache: do not pass past_key_values "
+            "forward() with a prefix adapter builds its own KV cache: do not pass one "
             "(use generate() for incremental decoding)."
         )
     n = config.num_virtual_tokens
@@ -199,7 +208,7 @@ def prefix_inputs(model: nn.Module, config: PromptLearningConfig, table: torch.T
         raise ValueError("Pass input_ids or inputs_embeds.")
     batch, length = reference.shape[:2]
     is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-    kwargs["past_key_values"] = prefix_cache(model, config, table.to(model.dtype), batch)
+    kwargs[cache_argument(model)] = prefix_cache(model, config, table.to(model.dtype), batch)
     if is_encoder_decoder:
         if kwargs.get("decoder_attention_mask") is not None:
             mask = kwargs["decoder_attention_mask"]
