@@ -1,0 +1,169 @@
+"""Training checkpoints: output_dir/checkpoints/step-N, written whole or not at all, the newest few kept.
+
+A checkpoint holds everything that decides the rest of a run: the trainable weights (an adapter in peft's
+layout, loadable by PeftModel.from_pretrained; or the full model for full fine-tuning), the optimizer,
+the scheduler, the gradient scaler, every process's random-number states, and the step number (which fixes
+the data position, see sampler.py). It is written into a hidden temporary folder renamed into place at the
+end, so a run killed at any moment leaves only complete checkpoints. Everything is read back with
+torch.load(weights_only=True) or safetensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from deltatune import PeftModel
+from deltatune.checkpoint import load_adapter_weights, set_peft_model_state_dict
+
+STATE_FILE = "trainer_state.json"
+FULL_MODEL_FILE = "model.safetensors"
+_STEP = re.compile(r"step-(\d+)")
+
+
+def checkpoints_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints, oldest first (temporary folders of interrupted saves are hidden and skipped)."""
+    root = checkpoints_dir(output_dir)
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root) if (m := _STEP.fullmatch(name))]
+    return sorted(c for c in found if os.path.isfile(os.path.join(c[1], STATE_FILE)))
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+# --- random-number states ---------------------------------------------------------------------------------
+def rng_state() -> dict:
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- weights ----------------------------------------------------------------------------------------------
+def _save_weights(model, directory: str) -> None:
+    if isinstance(model, PeftModel):
+        model.save_pretrained(directory)
+    else:  # full fine-tuning: safetensors' own pair handles tied weights symmetrically
+        save_model(model, os.path.join(directory, FULL_MODEL_FILE))
+
+
+def _load_weights(model, directory: str) -> None:
+    if isinstance(model, PeftModel):
+        state_dict, source = load_adapter_weights(directory)
+        set_peft_model_state_dict(model, state_dict, model.active_adapter, source=source)
+    else:
+        load_model(model, os.path.join(directory, FULL_MODEL_FILE), device=str(next(model.parameters()).device))
+
+
+# --- save / load ------------------------------------------------------------------------------------------
+def save_checkpoint(accelerator, output_dir: str, model, optimizer, scheduler, state: dict,
+                    keep: int | None) -> str:
+    """Write checkpoint step-<state["step"]> (a collective call: every process must make it)."""
+    from accelerate.utils import gather_object
+
+    rng_states = gather_object([rng_state()])
+    final = os.path.join(checkpoints_dir(output_dir), f"step-{state['step']}")
+
+    def write(tmp: str) -> None:
+        _save_weights(model, tmp)
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+        torch.save(rng_states, os.path.join(tmp, "rng.pt"))
+        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=2)
+
+    if accelerator.is_main_process:
+        write_folder(final, write)
+        rotate(output_dir, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: str, accelerator, model, optimizer, scheduler) -> dict:
+    """Restore a checkpoint into the live objects; returns its trainer state (step, ...)."""
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+        state = json.load(f)
+    _load_weights(model, path)
+    optimizer.load_state_dict(_load(path, "optimizer.pt"))
+    scheduler.load_state_dict(_load(path, "scheduler.pt"))
+    if accelerator.scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
+        accelerator.scaler.load_state_dict(_load(path, "scaler.pt"))
+    rng_states = _load(path, "rng.pt")
+    set_rng_state(rng_states[min(accelerator.process_index, len(rng_states) - 1)])
+    return state
+
+
+def _load(path: str, name: str):
+    return torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+
+
+# --- housekeeping -----------------------------------------------------------------------------------------
+def write_folder(final: str, write: Callable[[str], None]) -> None:
+    """Fill a hidden sibling folder with `write`, then rename it to `final` (replacing an older one)."""
+    parent, name = os.path.split(os.path.abspath(final))
+    tmp = os.path.join(parent, f".{name}.partial")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.exists(final):
+        _remove(final)
+    os.replace(tmp, final)
+
+
+def rotate(output_dir: str, keep: int | None) -> None:
+    """Delete all but the newest `keep` checkpoints."""
+    if keep is None:
+        return
+    found = list_checkpoints(output_dir)
+    for _, path in found[:max(len(found) - keep, 0)]:
+        _remove(path)
+
+
+def _remove(path: str) -> None:
+    """Hide the folder first (a rename is atomic), then delete it: a half-deleted checkpoint is never listed."""
+    hidden = os.path.join(os.path.dirname(path), f".deleting-{os.path.basename(path)}")
+    os.replace(path, hidden)
+    shutil.rmtree(hidden)
+
+
+def remove_leftovers(output_dir: str) -> None:
+    """Temporary folders of saves or deletions that a killed run did not finish."""
+    root = checkpoints_dir(output_dir)
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith("."):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)

@@ -1,0 +1,98 @@
+"""Loading what every command needs: a tokenizer, a base model for the task, and adapters on top of it.
+
+A classification adapter's head size is not in peft's files, so the trainer writes the label names beside
+the adapter (`labels.json`) and inference rebuilds the base model with that head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+
+def model_folder(name: str) -> str:
+    """An embedded model's prepared folder; any other name (local folder, Hub id) as given."""
+    from deltatune.embedded import resolve_model
+
+    return resolve_model(name)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"The tokenizer of {path!r} has neither a pad nor an end-of-sequence token.")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def task_type(label_names: list[str] | None) -> str:
+    return "SEQ_CLS" if label_names else "CAUSAL_LM"
+
+
+def load_base_model(path: str, label_names: list[str] | None = None, pad_token_id: int | None = None) -> nn.Module:
+    """The model in float32 (mixed precision autocasts from there): a causal LM, or a classifier over labels."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if not label_names:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, dtype=torch.float32, num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
+    )
+    if pad_token_id is not None:  # the classifier reads the last non-pad token of each row
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+LABELS_FILE = "labels.json"
+
+
+def save_label_names(directory: str, label_names: list[str] | None) -> None:
+    if label_names:
+        from deltatune.checkpoint import atomic_write_text
+
+        atomic_write_text(os.path.join(directory, LABELS_FILE), json.dumps(list(label_names)) + "\n")
+
+
+def read_label_names(directory: str) -> list[str] | None:
+    path = os.path.join(directory, LABELS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def adapter_label_names(adapters: dict[str, str]) -> list[str] | None:
+    """The label names saved beside the first classification adapter, if any."""
+    return next((names for path in adapters.values() if (names := read_label_names(path))), None)
+
+
+def load_with_adapters(path: str, adapters: dict[str, str], label_names: list[str] | None,
+                       pad_token_id: int | None) -> nn.Module:
+    """The base model with each named adapter loaded, the first one active; in eval mode."""
+    from deltatune import PeftModel
+
+    model = load_base_model(path, label_names, pad_token_id)
+    for index, (name, adapter_path) in enumerate(adapters.items()):
+        if index == 0:
+            model = PeftModel.from_pretrained(model, adapter_path, adapter_name=name)
+        else:
+            model.load_adapter(adapter_path, name)
+    if adapters:
+        model.set_adapter(next(iter(adapters)))
+    return model.eval()
+
+
+def load_for_inference(model_name: str, adapters: dict[str, str] | None = None):
+    """(model, tokenizer, label names) for a model name as the user gives it, with adapters {name: folder}."""
+    path = model_folder(model_name)
+    tokenizer = load_tokenizer(path)
+    adapters = adapters or {}
+    label_names = adapter_label_names(adapters)
+    return load_with_adapters(path, adapters, label_names, tokenizer.pad_token_id), tokenizer, label_names

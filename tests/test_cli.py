@@ -1,0 +1,114 @@
+"""The `deltatune` command: eval, generate (one prompt, chat over stdin), merge, models, help and errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+from trainer.conftest import fresh_accelerate_state, tiny_model, train_file  # noqa: F401  (fixtures)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from deltatune import PeftModel
+from deltatune.cli import main
+from deltatune.trainer import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, train_file, tmp_path_factory):  # noqa: F811
+    """Two LoRA adapters trained for a few steps (different seeds), and one prompt-tuning adapter."""
+    root = tmp_path_factory.mktemp("runs")
+    common = ["--model", tiny_model, "--data", train_file, "--eval-data", train_file, "--max-steps", "3",
+              "--batch-size", "4", "--max-length", "64", "--learning-rate", "0.01", "--save-steps", "none"]
+    folders = {}
+    for name, extra in {"a": ["--seed", "1"], "b": ["--seed", "2"],
+                        "prompt": ["--method", "prompt-tuning", "--num-virtual-tokens", "3"]}.items():
+        assert main(["train", *common, "--output-dir", str(root / name), *extra]) == 0
+        folders[name] = str(root / name)
+    return folders
+
+
+def test_eval_with_an_adapter_matches_the_training_summary(tiny_model, train_file, adapters, capsys, tmp_path):  # noqa: F811
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--model", tiny_model, "--adapter", f"{adapters['a']}/adapter", "--data", train_file,
+                 "--max-length", "64", "--max-new-tokens", "3", "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    summary = json.loads(open(f"{adapters['a']}/summary.json").read())
+    assert metrics["eval_loss"] == pytest.approx(summary["eval_after"]["eval_loss"], abs=1e-5)
+    assert set(metrics) == {"eval_loss", "perplexity", "exact_match"}
+    assert "eval_loss" in capsys.readouterr().out
+    assert main(["eval", "--model", tiny_model, "--data", train_file, "--max-length", "64", "--no-generate",
+                 "--json", str(out)]) == 0
+    base = json.loads(out.read_text())
+    assert base["eval_loss"] == pytest.approx(summary["eval_before"]["eval_loss"], abs=1e-5)
+
+
+def test_generate_answers_one_prompt(tiny_model, adapters, capsys):  # noqa: F811
+    argv = ["generate", "--model", tiny_model, "--adapter", f"{adapters['a']}/adapter", "--prompt",
+            "What is 1 plus 2?", "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first  # greedy: the same answer twice
+
+
+def test_generate_chat_switches_adapters(tiny_model, adapters, capsys, monkeypatch):  # noqa: F811
+    turns = "hello\n/adapter b\nhello\n/base\nhello\n/adapter nope\n/quit\nnever read\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(turns))
+    assert main(["generate", "--model", tiny_model, "--adapter", f"a={adapters['a']}/adapter",
+                 "--adapter", f"b={adapters['b']}/adapter", "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 3  # one answer per user turn, nothing else on stdout
+    assert "[b]" in captured.err and "[base model]" in captured.err and "No adapter 'nope'" in captured.err
+
+
+def test_merge_writes_a_plain_model_with_the_same_outputs(tiny_model, adapters, tmp_path):  # noqa: F811
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", tiny_model, "--adapter", f"{adapters['a']}/adapter", "--output", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    peft = PeftModel.from_pretrained(base, f"{adapters['a']}/adapter").eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-5)
+
+
+def test_merging_a_prompt_adapter_is_refused(tiny_model, adapters, tmp_path, capsys):  # noqa: F811
+    argv = ["merge", "--model", tiny_model, "--adapter", f"{adapters['prompt']}/adapter", "--output", str(tmp_path)]
+    assert main(argv) == 2
+    assert "no weights to merge" in capsys.readouterr().err
+
+
+def test_models_lists_the_embedded_models(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m-instruct" in out and "not prepared" in out
+
+
+def test_train_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')}" in text
+
+
+def test_user_errors_are_one_line_with_status_2(tiny_model, tmp_path, capsys):  # noqa: F811
+    assert main(["train", "--model", tiny_model, "--data", str(tmp_path / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltatune: error:") and "missing.jsonl" in err and "Traceback" not in err
+    assert main(["train", "--data", "x.jsonl"]) == 2
+    assert "model is required" in capsys.readouterr().err
+    assert main(["train", "--model", tiny_model, "--data", "x.jsonl", "--method", "dora"]) == 2
+    assert "not available yet" in capsys.readouterr().err
+
+
+def test_console_script_is_declared():
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("deltatune") == "deltatune.cli:main"

@@ -1,0 +1,180 @@
+"""`deltatune train` end to end on a tiny model: every method, outputs, resume, NaN stop, checkpoint rotation."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from deltatune import PeftModel
+from deltatune.cli import main
+from deltatune.trainer import TrainingStopped, load_config, train
+from deltatune.trainer.checkpoints import list_checkpoints
+
+from .conftest import adapter_tensors, assert_same_tensors
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+SMALL = ["--max-steps", "3", "--batch-size", "4", "--max-length", "64", "--eval-data", "none", "--eval-split", "0.2",
+         "--max-eval-samples", "4", "--max-new-tokens", "3", "--save-steps", "2", "--eval-steps", "2"]
+
+
+def _train_cli(tiny_model, data, out, *extra, example="lora"):
+    argv = ["train", os.path.join(EXAMPLES, f"{example}.yaml"), "--model", tiny_model, "--data", data,
+            "--output-dir", str(out), *SMALL, *extra]
+    return main(argv)
+
+
+METHOD_FLAGS = {
+    "lora": ["--r", "4"],
+    "ia3": [],
+    "prompt-tuning": ["--num-virtual-tokens", "4"],
+    "prefix": ["--num-virtual-tokens", "4", "--prefix-projection", "--encoder-hidden-size", "16"],
+    "p-tuning": ["--num-virtual-tokens", "4", "--encoder-hidden-size", "16"],
+    "bottleneck": ["--reduction-factor", "8"],
+}
+
+
+@pytest.mark.parametrize("method", list(METHOD_FLAGS))
+def test_each_method_trains_from_its_example_file(method, tiny_model, train_file, tmp_path, capsys):
+    assert _train_cli(tiny_model, train_file, tmp_path, *METHOD_FLAGS[method], example=method) == 0
+    out = capsys.readouterr().out
+    assert "Training summary" in out and "trainable params" in out and "exact_match" in out
+    for name in ("metrics.jsonl", "loss_curve.png", "summary.json", "train_config.yaml"):
+        assert os.path.isfile(tmp_path / name), name
+    adapter = tmp_path / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_model  # the name the user gave
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [0, 2, 3]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["eval_before"]["eval_loss"] > 0 and "exact_match" in summary["eval_after"]
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    # The adapter loads back on the base model and changes nothing about the files' meaning.
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(adapter))
+    assert loaded.peft_config["default"].peft_type == config["peft_type"]
+
+
+def test_full_fine_tuning_writes_a_plain_model(tiny_model, train_file, tmp_path):
+    assert _train_cli(tiny_model, train_file, tmp_path, example="full") == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["trainable_params"] == summary["total_params"]
+
+
+def test_classification_reports_accuracy(tiny_model, classification_file, tmp_path):
+    assert _train_cli(tiny_model, classification_file, tmp_path) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 <= summary["eval_after"]["accuracy"] <= 1
+    assert json.loads((tmp_path / "adapter" / "labels.json").read_text()) == ["neg", "pos"]
+
+
+def _config(tiny_model, train_file, out, **changes):
+    values = {"model": tiny_model, "data": train_file, "output_dir": str(out), "max_steps": 6, "batch_size": 4,
+              "save_steps": 2, "save_total_limit": 2, "max_length": 64, "eval_split": 0.2, "learning_rate": 1e-2,
+              "lora_dropout": 0.1, "max_eval_samples": 4}
+    return load_config(None, {**values, **changes})
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _raise_at(step_number):
+    def hook(step, model):
+        if step == step_number:
+            raise Interrupt
+
+    return hook
+
+
+def test_resumed_run_ends_with_the_same_adapter(tiny_model, train_file, tmp_path):
+    """Killed before step 5 (after checkpoint 4) and resumed: same adapter as a run never interrupted.
+
+    Dropout is on, so this also checks that the random-number states are restored."""
+    whole = train(_config(tiny_model, train_file, tmp_path / "whole"))
+    with pytest.raises(Interrupt):
+        train(_config(tiny_model, train_file, tmp_path / "cut"), step_hook=_raise_at(5))
+    assert [step for step, _ in list_checkpoints(str(tmp_path / "cut"))] == [2, 4]
+    resumed = train(_config(tiny_model, train_file, tmp_path / "cut", resume=True))
+    assert_same_tensors(adapter_tensors(whole.saved_to), adapter_tensors(resumed.saved_to))
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if '"train"' in line] == [1, 2, 3, 4, 5, 6]
+    assert resumed.summary["eval_before"] == whole.summary["eval_before"]
+
+
+def test_resume_from_a_named_checkpoint_and_changed_settings(tiny_model, train_file, tmp_path):
+    train(_config(tiny_model, train_file, tmp_path, max_steps=4))
+    step2 = str(tmp_path / "checkpoints" / "step-4")
+    with pytest.raises(Exception, match="settings changed"):
+        train(_config(tiny_model, train_file, tmp_path, resume=step2, batch_size=2))
+    with pytest.raises(Exception, match="holds checkpoints of an earlier run"):
+        train(_config(tiny_model, train_file, tmp_path))
+
+
+def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tiny_model, train_file, tmp_path):
+    def poison(step, model):
+        if step == 4:
+            with torch.no_grad():
+                for param in model.parameters():
+                    if param.requires_grad:
+                        param.fill_(float("nan"))
+
+    with pytest.raises(TrainingStopped, match=r"at step 4.*checkpoints/step-2"):
+        train(_config(tiny_model, train_file, tmp_path), step_hook=poison)
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == [2]
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_cli_reports_a_stopped_run(tiny_model, train_file, tmp_path, capsys, monkeypatch):
+    import deltatune.trainer.loop as loop
+
+    monkeypatch.setattr(loop, "loss_sum", lambda logits, labels: (logits.sum() * float("inf"), 1))
+    assert _train_cli(tiny_model, train_file, tmp_path) == 1
+    assert "training loss is" in capsys.readouterr().err
+
+
+def test_checkpoint_rotation_keeps_the_newest(tiny_model, train_file, tmp_path):
+    train(_config(tiny_model, train_file, tmp_path, max_steps=5, save_steps=1, save_total_limit=2))
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == [4, 5]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-4", "step-5"]  # no temporary leftovers
+    files = set(os.listdir(tmp_path / "checkpoints" / "step-5"))
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng.pt",
+            "trainer_state.json"} <= files
+    state = json.loads((tmp_path / "checkpoints" / "step-5" / "trainer_state.json").read_text())
+    assert state["step"] == 5
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tiny_model, train_file, tmp_path):
+    one = train(_config(tiny_model, train_file, tmp_path / "a", lora_dropout=0.0, batch_size=4))
+    two = train(_config(tiny_model, train_file, tmp_path / "b", lora_dropout=0.0, batch_size=2,
+                        gradient_accumulation_steps=2))
+    assert_same_tensors(adapter_tensors(one.saved_to), adapter_tensors(two.saved_to), atol=1e-5)
+
+
+def test_fp16_without_a_gpu_is_refused(tiny_model, train_file, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert _train_cli(tiny_model, train_file, tmp_path, "--mixed-precision", "fp16") == 2
+    assert "fp16 needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_trained_lora_adapter_loads_in_peft(tiny_model, train_file, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    result = train(_config(tiny_model, train_file, tmp_path, max_steps=2))
+    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), result.saved_to).eval()
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), result.saved_to).eval()
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5)
