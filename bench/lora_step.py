@@ -13,7 +13,9 @@ two libraries' losses must agree at every step.
 Time: one process holds the three models and runs one step of each per round, rotating the order every
 round to cancel machine drift and cache effects. Warm-up rounds are dropped. We report median wall and CPU
 (process) time per step, and as ratios the median over rounds of the per-round ratios (paired, so drift and
-load from other processes largely cancel). torch.set_num_threads(--threads) in every process.
+load from other processes largely cancel). torch.set_num_threads(--threads) in every process; the default,
+one thread, keeps the numbers stable when other processes share the cores (with 2 threads on 2 busy cores,
+OpenMP barriers made single steps vary 5x). A load-average warning flags a busy machine.
 
 Memory: each configuration runs in a fresh spawned process. Two numbers:
   tensors   params + grads + optimizer state + tensors saved for backward (unique storages that are not
@@ -22,7 +24,7 @@ Memory: each configuration runs in a fresh spawned process. Two numbers:
   peak RSS  growth of resident memory during the steps (Linux: VmHWM reset via /proc/self/clear_refs,
             after malloc_trim). Includes transient buffers and allocator slack, so it is a cross-check.
 
-    .venv/bin/python bench/lora_step.py [--steps 30 --warmup 5 --batch 8 --seq 128 --threads 2 --json]
+    .venv/bin/python bench/lora_step.py [--steps 20 --warmup 5 --batch 8 --seq 128 --threads 1 --json]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import ctypes
 import gc
 import json
 import multiprocessing as mp
+import os
 import re
 import statistics
 import time
@@ -170,23 +173,26 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="measured rounds (one step of each config)")
+    parser.add_argument("--steps", type=int, default=20, help="measured rounds (one step of each config)")
     parser.add_argument("--warmup", type=int, default=5, help="rounds dropped before measuring")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every process")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads in every process (1: stable on a shared machine)")
     default_json = RESULTS / f"lora_step-{time.strftime('%Y%m%d-%H%M%S')}.json"
     parser.add_argument("--json", nargs="?", const=str(default_json),
                         help=f"write results as JSON (default path: {RESULTS}/lora_step-<time>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    load = [os.getloadavg()[0]]
     ctx = mp.get_context("spawn")
     memory = {}
     for kind in KINDS:
         with ctx.Pool(1) as pool:
             memory[kind] = pool.apply(measure_memory, (kind, vars(args)))
     times, loss_gap = measure_time(args)
+    load.append(os.getloadavg()[0])
 
     wall, cpu = times["wall"], times["cpu"]
     print(f"LoRA r=16 all-linear, Llama 4x512, batch {args.batch}, seq {args.seq}, float32, CPU, "
@@ -208,12 +214,16 @@ def main() -> None:
         }
         print(f"deltatune/{other:<12} time {r['time']:.3f} (cpu {r['cpu_time']:.3f})  memory {r['memory']:.3f}")
     print(f"max |loss deltatune - loss peft| over all steps: {loss_gap:.2e}")
+    if max(load) > max(os.cpu_count(), args.threads) + 0.5:  # our threads count in the load
+        print(f"warning: load average {max(load):.1f} on {os.cpu_count()} CPUs: other processes competed "
+              "for the cores; rerun on a quiet machine before trusting the times.")
 
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "step_seconds": times,
-                                    "memory_mb": memory, "ratios": ratios, "max_loss_gap": loss_gap}, indent=2))
+                                    "memory_mb": memory, "ratios": ratios, "max_loss_gap": loss_gap,
+                                    "load_average": load}, indent=2))
         print(f"wrote {path}")
 
 

@@ -11,10 +11,11 @@ Both libraries use the same base weights, batch and table values (the table is r
 generator after get_peft_model); the run checks that their losses agree at every step.
 
 Time: one process holds all six models and runs one step of each per round, rotating the order every round
-to cancel drift; warm-up rounds are dropped, we report median step times and, as ratios, the median over
-rounds of the paired per-round deltatune/peft ratios.
-Memory: each configuration runs in a fresh spawned process with lora_step.measure_memory (tensor accounting:
-params + grads + optimizer state + unique non-parameter storages saved for backward; and peak-RSS growth).
+to cancel drift; warm-up rounds are dropped. We report median wall and CPU (process) time per step and, as
+ratios, the median over rounds of the paired per-round deltatune/peft ratios.
+Memory: each configuration runs in a fresh spawned process with lora_step.measure_memory: tensor accounting
+(params + grads + optimizer state + unique non-parameter storages saved for backward, via
+saved_tensors_hooks; deterministic, the ratio uses it) and peak-RSS growth (VmHWM; allocator-dependent).
 Switch: two prompt-tuning adapters on one base model; median time of `set_adapter` over many alternating
 switches, then the median time of one no-grad forward right after a switch.
 
@@ -34,7 +35,7 @@ from typing import Any
 
 import lora_step  # bench/ is on sys.path when this file runs as a script (also in spawned children)
 import torch
-from lora_step import RESULTS, Setup
+from lora_step import RESULTS, Setup, paired_ratio
 from torch import nn
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -110,19 +111,21 @@ def measure_memory(kind: str, args: dict[str, Any]) -> dict[str, float | None]:
     return lora_step.measure_memory(kind, args)
 
 
-def measure_time(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Per-step seconds for each kind (warm-up dropped), interleaved; max |loss gap| per method."""
+def measure_time(args: argparse.Namespace) -> tuple[dict[str, dict[str, list[float]]], dict[str, float]]:
+    """Wall and CPU seconds per step ({clock: {kind: [...]}}), interleaved, warm-up dropped; and the max
+    |loss deltatune - loss peft| per method (0 when both train the same numbers)."""
     steps = {kind: build(kind, args.batch, args.seq).step for kind in KINDS}
-    times: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    times: dict[str, dict[str, list[float]]] = {clock: {kind: [] for kind in KINDS} for clock in ("wall", "cpu")}
     gaps = dict.fromkeys(METHODS, 0.0)
     for i in range(args.warmup + args.steps):
         losses = {}
         shift = i % len(KINDS)
         for kind in KINDS[shift:] + KINDS[:shift]:
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             losses[kind] = steps[kind]()
             if i >= args.warmup:
-                times[kind].append(time.perf_counter() - start)
+                times["wall"][kind].append(time.perf_counter() - wall)
+                times["cpu"][kind].append(time.process_time() - cpu)
         for method in METHODS:
             gaps[method] = max(gaps[method], abs(losses[f"deltatune/{method}"] - losses[f"peft/{method}"]))
     return times, gaps
@@ -196,25 +199,27 @@ def main() -> None:
     times, gaps = measure_time(args)
     switch = measure_switch(args)
 
-    median = {kind: statistics.median(times[kind]) for kind in KINDS}
+    wall, cpu = times["wall"], times["cpu"]
     print(f"Prompt learning, {N_VIRTUAL} virtual tokens, Llama 4x512, batch {args.batch}, seq {args.seq}, "
-          f"float32, CPU, {args.threads} threads, torch {torch.__version__}; median of {args.steps} steps")
-    print(f"{'config':<22} {'step ms':>8} {'min ms':>8} {'tensors MB':>11} {'saved-bwd MB':>13} "
+          f"float32, CPU, {args.threads} threads, torch {torch.__version__}; medians of {args.steps} steps")
+    print(f"{'config':<22} {'wall ms':>8} {'cpu ms':>8} {'min ms':>8} {'tensors MB':>11} {'saved-bwd MB':>13} "
           f"{'grad+opt MB':>12} {'peak RSS+ MB':>13}")
     for kind in KINDS:
         m = memory[kind]
         rss = "n/a" if m["peak_rss_delta"] is None else f"{m['peak_rss_delta']:.1f}"
-        print(f"{kind:<22} {median[kind] * 1e3:8.1f} {min(times[kind]) * 1e3:8.1f} {m['tensors']:11.1f} "
-              f"{m['saved_for_backward']:13.1f} {m['grads'] + m['optimizer']:12.2f} {rss:>13}")
+        print(f"{kind:<22} {statistics.median(wall[kind]) * 1e3:8.1f} {statistics.median(cpu[kind]) * 1e3:8.1f} "
+              f"{min(wall[kind]) * 1e3:8.1f} {m['tensors']:11.1f} {m['saved_for_backward']:13.1f} "
+              f"{m['grads'] + m['optimizer']:12.2f} {rss:>13}")
     ratios = {}
     for method in METHODS:
         ours, theirs = f"deltatune/{method}", f"peft/{method}"
-        t = statistics.median(a / b for a, b in zip(times[ours], times[theirs], strict=True))
-        mem = memory[ours]["tensors"] / memory[theirs]["tensors"]
-        rss = (memory[ours]["peak_rss_delta"] or 0) / (memory[theirs]["peak_rss_delta"] or float("nan"))
-        ratios[method] = {"time": t, "memory": mem, "peak_rss": rss}
-        print(f"deltatune/peft {method:<11} time {t:.3f}  tensors {mem:.3f}  peak RSS {rss:.3f}  "
-              f"max |loss gap| {gaps[method]:.1e}")
+        r = ratios[method] = {
+            "time": paired_ratio(wall[ours], wall[theirs]),
+            "cpu_time": paired_ratio(cpu[ours], cpu[theirs]),
+            "memory": memory[ours]["tensors"] / memory[theirs]["tensors"],
+        }
+        print(f"deltatune/peft {method:<11} time {r['time']:.3f} (cpu {r['cpu_time']:.3f})  "
+              f"memory {r['memory']:.3f}  max |loss gap| {gaps[method]:.1e}")
     print(f"set_adapter, 2 prompt-tuning adapters (median of {args.switches}), then one no-grad forward:")
     for lib in LIBS:
         s = switch[lib]
@@ -226,7 +231,7 @@ def main() -> None:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "step_seconds": times,
-                                    "median_seconds": median, "memory_mb": memory, "ratios": ratios,
+                                    "memory_mb": memory, "ratios": ratios,
                                     "max_loss_gap": gaps, "switch": switch}, indent=2))
         print(f"wrote {path}")
 

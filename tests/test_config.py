@@ -59,7 +59,7 @@ def test_unknown_keys_warn_with_their_names(tmp_path):
     assert config.target_modules == ["q_proj"]
 
 
-@pytest.mark.parametrize(("key", "value"), [("use_dora", True), ("layer_replication", [[0, 1]])])
+@pytest.mark.parametrize(("key", "value"), [("lora_bias", True), ("layer_replication", [[0, 1]])])
 def test_peft_only_option_is_refused(tmp_path, key, value):
     write_config(tmp_path, **{key: value})
     with pytest.raises(ValueError, match=f"does not support.*{key}.*load it with peft"):
@@ -89,7 +89,7 @@ def test_missing_and_corrupted_config_files(tmp_path):
         ({"task_type": "TRANSLATION"}, "Unknown task_type 'TRANSLATION'.*CAUSAL_LM"),
         ({"bias": "some"}, "bias must be one of"),
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
-        ({"init_lora_weights": "pissa"}, "init_lora_weights must be one of"),
+        ({"init_lora_weights": "corda"}, "init_lora_weights must be one of"),
     ],
 )
 def test_bad_values_are_refused_with_what_to_fix(kwargs, message):

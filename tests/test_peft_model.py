@@ -306,3 +306,9 @@ def test_fresh_adapter_leaves_every_model_unchanged(arch, init):
     config = deltatune.LoraConfig(**lora_kwargs(arch, init_lora_weights=init))
     model = deltatune.get_peft_model(ARCHS[arch][0](), config).eval()
     assert torch.equal(logits(model, inputs_for(arch)), base_logits(arch))
+
+
+def test_adapter_name_clashing_with_a_module_attribute_is_refused():
+    model = deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(r=2))
+    with pytest.raises(ValueError, match="clashes with a torch.nn.Module attribute"):
+        model.add_adapter("double", deltatune.LoraConfig(r=2))

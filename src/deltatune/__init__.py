@@ -17,6 +17,7 @@ from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.ln_tuning import LNTuningConfig
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.lora.loraplus import create_loraplus_optimizer
 from deltatune.methods.p_tuning import PromptEncoderConfig
 from deltatune.methods.prefix_tuning import PrefixTuningConfig
 from deltatune.methods.prompt_tuning import PromptTuningConfig
@@ -30,6 +31,7 @@ from deltatune.peft_model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from deltatune.quantized.training import prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
@@ -62,5 +64,7 @@ __all__ = [
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",
+    "create_loraplus_optimizer",
 ]

@@ -18,6 +18,7 @@ from deltatune.checkpoint import adapter_parameter_map
 from deltatune.config import PeftConfig
 from deltatune.layers import AdapterLayer, adapter_layers
 from deltatune.modules_to_save import ModulesToSaveWrapper
+from deltatune.quantized import warn_requantization
 from deltatune.registry import Method, get_method
 
 ALL_LINEAR = "all-linear"
@@ -295,6 +296,7 @@ def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None, saf
             layer.check_merge(adapter_names)
     for layer in layers:
         layer.merge(adapter_names, safe_merge=safe_merge)
+    warn_requantization(model, "merging")
 
 
 def unmerge_adapters(model: nn.Module) -> None:

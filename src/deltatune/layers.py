@@ -91,7 +91,7 @@ class AdapterLayer(nn.Module):
         weight = getattr(self.base_layer, self.merged_parameter)
         merged = weight.data
         for name in self._to_merge(adapter_names):
-            merged = merged + self.delta_weight(name).to(weight.dtype)
+            merged = self.merged_weight(name, merged)
             if not torch.isfinite(merged).all():
                 raise ValueError(
                     f"Merging adapter {name!r} would write NaN or inf into the base weights; "
@@ -103,14 +103,23 @@ class AdapterLayer(nn.Module):
             self.check_merge(adapter_names)
         weight = getattr(self.base_layer, self.merged_parameter)
         for name in self._to_merge(adapter_names):
-            weight.data = weight.data + self.delta_weight(name).to(weight.dtype)
+            weight.data = self.merged_weight(name, weight.data)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         weight = getattr(self.base_layer, self.merged_parameter)
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight.data -= self.delta_weight(name).to(weight.dtype)
+            weight.data = self.unmerged_weight(name, weight.data)
+
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` with the adapter merged in, as a new tensor. Adding `delta_weight` unless a method (LoRA's
+        DoRA variant) rescales as well."""
+        return weight + self.delta_weight(adapter_name).to(weight.dtype)
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The inverse of `merged_weight`."""
+        return weight - self.delta_weight(adapter_name).to(weight.dtype)
 
     def use_base_only(self) -> bool:
         """True when forward must return the base layer's output alone (disabled, or already merged)."""
@@ -118,8 +127,11 @@ class AdapterLayer(nn.Module):
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Adapters train in float32 beside a half-precision base (as peft does); otherwise in its dtype."""
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    """Adapters train in float32 beside a half-precision or quantized (integer-stored) base, as peft does;
+    otherwise in the base's dtype."""
+    if weight.dtype in (torch.float16, torch.bfloat16) or not weight.dtype.is_floating_point:
+        return torch.float32
+    return weight.dtype
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:

@@ -27,6 +27,7 @@ from deltatune.checkpoint import (
 )
 from deltatune.config import CONFIG_NAME, PeftConfig
 from deltatune.layers import adapter_layers
+from deltatune.quantized import dequantize_model, parameter_count
 from deltatune.registry import Method, get_method
 
 
@@ -112,6 +113,8 @@ class PeftModel(nn.Module):
             )
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"Adapter names must be non-empty strings without '.', got {adapter_name!r}.")
+        if hasattr(nn.ModuleDict(), adapter_name):  # adapters are ModuleDict keys, which cannot shadow its attributes
+            raise ValueError(f"Adapter name {adapter_name!r} clashes with a torch.nn.Module attribute; pick another.")
         config = self._with_task_defaults(peft_config)
         method = get_method(config.peft_type)
         if method.create_prompt_encoder is not None:
@@ -138,6 +141,9 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name: str) -> None:
         """Switch the active adapter. Merged weights hold the old adapter, so they are unmerged first (as peft)."""
         self._check_known(adapter_name)
+        if self._prompt_tables_only():
+            self._switch_prompt_table(adapter_name)
+            return
         merged = any(layer.merged for _, layer in adapter_layers(self.get_base_model()))
         if merged and adapter_name != self.active_adapter:
             warnings.warn(
@@ -149,6 +155,20 @@ class PeftModel(nn.Module):
         self.active_adapter = adapter_name
         injection.set_active_adapters(self.get_base_model(), [adapter_name])
         self._mark_trainable()
+
+    def _prompt_tables_only(self) -> bool:
+        """True when every adapter is a prompt encoder with nothing inside the model (no layers, no copies)."""
+        return all(
+            name in self.prompt_encoder and not getattr(config, "modules_to_save", None)
+            for name, config in self.peft_config.items()
+        )
+
+    def _switch_prompt_table(self, adapter_name: str) -> None:
+        """Switching between prompt encoders touches only them: no walk over the model (task switching cost)."""
+        self.active_adapter = adapter_name
+        trainable = not self.peft_config[adapter_name].inference_mode
+        for name, encoder in self.prompt_encoder.items():
+            encoder.requires_grad_(trainable and name == adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known(adapter_name)
@@ -195,20 +215,40 @@ class PeftModel(nn.Module):
         injection.unmerge_adapters(self.get_base_model())
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None,
+        dequantize: bool = False,
     ) -> nn.Module:
-        """Fold the adapter(s) into the base weights and return the plain transformers model."""
+        """Fold the adapter(s) into the base weights and return the plain transformers model.
+
+        On a quantized base, merging dequantizes each adapted layer, merges exactly and re-quantizes, warning with
+        the rounding error that costs; `dequantize=True` instead returns a full-precision model (every quantized
+        layer dequantized, the adapters merged without rounding, transformers' quantization config dropped).
+        """
         names = adapter_names or [self.active_adapter]
-        return injection.unload(self.get_base_model(), merge=True, safe_merge=safe_merge, adapter_names=names)
+        model = self.get_base_model()
+        if dequantize:
+            if safe_merge:  # refuse before anything changes
+                for _, layer in adapter_layers(model):
+                    layer.check_merge(names)
+            dequantize_model(model)
+        return injection.unload(model, merge=True, safe_merge=safe_merge, adapter_names=names)
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original base model."""
         return injection.unload(self.get_base_model(), merge=False)
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", **kwargs: Any) -> None:
+        """Add a LoRA adapter combining `adapters` with `weights` (peft's combination types and keyword
+        arguments: svd_rank, svd_clamp, svd_full_matrices, svd_driver, density, majority_sign_method)."""
+        from deltatune.methods.lora.merging import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
     # --- parameters ----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        total = parameter_count(self)
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -246,9 +286,14 @@ class PeftModel(nn.Module):
         selected_adapters: list[str] | None = None,
         safe_serialization: bool = True,
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
         **_: Any,
     ) -> None:
-        """Write each adapter in peft's layout: the default at the top, others in a subfolder of their name."""
+        """Write each adapter in peft's layout: the default at the top, others in a subfolder of their name.
+
+        With path_initial_model_for_weight_conversion (the folder a PiSSA / OLoRA adapter was saved to right after
+        initialisation), each adapter is written as the equivalent plain LoRA adapter for the original base model.
+        """
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; pass a folder.")
@@ -263,6 +308,12 @@ class PeftModel(nn.Module):
             config.inference_mode = True
             card = None if os.path.exists(os.path.join(out, MODEL_CARD_NAME)) else _model_card(config)
             tensors = get_peft_model_state_dict(self, name)
+            if path_initial_model_for_weight_conversion is not None:
+                from deltatune.methods.lora.init import convert_to_plain_lora
+
+                tensors, config = convert_to_plain_lora(
+                    tensors, config, os.fspath(path_initial_model_for_weight_conversion)
+                )
             save_adapter_folder(out, tensors, config.to_json_string(), card, safe_serialization)
 
     @classmethod
@@ -378,7 +429,8 @@ def _prompt_generate_kwargs(args: tuple, kwargs: dict[str, Any]) -> dict[str, An
         kwargs["input_ids"] = args[0]
     if kwargs.get("input_ids") is None:
         raise ValueError("generate() with a prompt-learning adapter needs input_ids.")
-    if kwargs.get("inputs_embeds") is not None or kwargs.get("past_key_values") is not None:
+    given_cache = any(kwargs.get(name) is not None for name in prompt_learning.CACHE_ARGUMENTS)
+    if kwargs.get("inputs_embeds") is not None or given_cache:
         raise ValueError("generate() with a prompt-learning adapter builds inputs_embeds and the cache itself.")
     return kwargs
 

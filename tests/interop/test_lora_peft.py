@@ -30,12 +30,14 @@ def variant_kwargs(arch: str, variant: str) -> dict:
         return lora_kwargs(arch, rank_pattern={b: 2}, alpha_pattern={a: 32})
     if variant == "rslora":
         return lora_kwargs(arch, use_rslora=True, lora_alpha=16)
+    if variant == "dora":
+        return lora_kwargs(arch, use_dora=True)
     if variant == "embeddings":  # peft then also saves the embeddings' base weights
         return lora_kwargs(arch, target_modules=["embed_tokens", "lm_head", a])
     raise AssertionError(variant)
 
 
-VARIANTS = ["plain", "regex", "patterns", "rslora"]
+VARIANTS = ["plain", "regex", "patterns", "rslora", "dora"]
 CASES = [pytest.param(arch, variant, id=f"{arch}-{variant}") for arch in ARCHS for variant in VARIANTS]
 CASES.append(pytest.param("llama", "embeddings", id="llama-embeddings"))
 
@@ -77,7 +79,7 @@ def test_saved_files_have_peft_keys(tmp_path, arch, variant):
     peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert set(ours_config) == set(peft_config)
     for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "task_type", "peft_type",
-                "modules_to_save", "fan_in_fan_out", "bias"):
+                "modules_to_save", "fan_in_fan_out", "bias", "use_dora"):
         assert ours_config[key] == peft_config[key], key
     targets = peft_config["target_modules"]
     assert ours_config["target_modules"] == (targets if isinstance(targets, str) else sorted(targets))

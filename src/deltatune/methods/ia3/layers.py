@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.layers import AdapterLayer, adapter_dtype
 from deltatune.methods.ia3.config import IA3Config
+from deltatune.quantized import quantized_ia3_layer
 
 
 class IA3Layer(AdapterLayer):
@@ -173,6 +174,8 @@ def create_ia3_layer(target: nn.Module, adapter_name: str, config: IA3Config, mo
     """Wrap `target` (or add an adapter to an existing IA3 layer); None if the module type is unsupported."""
     if isinstance(target, IA3Layer):
         layer = target
+    elif (quantized := quantized_ia3_layer(target)) is not None:  # before nn.Linear: quantized layers subclass it
+        layer = quantized
     elif isinstance(target, nn.Linear | Conv1D):
         if isinstance(target, Conv1D) != config.fan_in_fan_out:
             warnings.warn(

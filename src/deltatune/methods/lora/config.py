@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from deltatune.config import PeftConfig
+from deltatune.methods.lora.init import mutates_base
 
 # Used when target_modules is None, keyed by transformers' `config.model_type`.
 DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
@@ -37,7 +38,11 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
 }
 
 VALID_BIAS = ("none", "all", "lora_only")
-VALID_INITS = (True, False, "gaussian")
+VALID_INITS = (True, False, "gaussian", "pissa", "pissa_niter_[number of iters]", "olora")
+
+
+def _valid_init(init: object) -> bool:
+    return init is True or init is False or init == "gaussian" or mutates_base(init)
 
 
 @dataclass
@@ -47,6 +52,7 @@ class LoraConfig(PeftConfig):
     target_modules: module-name suffixes (list), a regex fully matched against the module's full name (str),
     "all-linear" (every linear layer but the output head), or None for the architecture's defaults.
     rank_pattern / alpha_pattern: {regex matching the end of a module name: r or alpha} overrides.
+    use_dora: weight-decomposed LoRA (DoRA), on every supported layer type (see methods/lora/dora.py).
     """
 
     peft_type: ClassVar[str] = "LORA"
@@ -68,7 +74,6 @@ class LoraConfig(PeftConfig):
         "target_parameters": None,
         "trainable_token_indices": None,
         "use_bdlora": None,
-        "use_dora": False,
         "use_qalora": False,
         "velora_config": None,
     }
@@ -86,6 +91,8 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, int | float] = field(default_factory=dict)
     use_rslora: bool = False
+    # DoRA: W' = m * (W + s B A) / ||W + s B A|| per output feature, m trainable (methods/lora/dora.py).
+    use_dora: bool = False
     init_lora_weights: bool | str = True
     # deltatune always keeps tied modules_to_save copies tied; the key is kept for file compatibility.
     ensure_weight_tying: bool = False
@@ -101,7 +108,7 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in VALID_BIAS:
             raise ValueError(f"bias must be one of {VALID_BIAS}, got {self.bias!r}.")
-        if self.init_lora_weights not in VALID_INITS:
+        if not _valid_init(self.init_lora_weights):
             raise ValueError(
                 f"init_lora_weights must be one of {VALID_INITS}, got {self.init_lora_weights!r}."
             )

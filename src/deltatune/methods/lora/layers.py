@@ -1,7 +1,8 @@
 """LoRA layers for Linear, GPT-2 Conv1D, Embedding, Conv1d and Conv2d base layers.
 
-Parameter layout and names follow peft (lora_A / lora_B modules, lora_embedding_A / _B parameters), so
-state-dict keys map one to one onto peft's adapter files.
+Parameter layout and names follow peft (lora_A / lora_B modules, lora_embedding_A / _B parameters, DoRA's
+lora_magnitude_vector), so state-dict keys map one to one onto peft's adapter files. Variants such as DoRA
+live in their own files and are looked up per adapter in `lora_variant`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Iterator
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,9 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.layers import AdapterLayer, adapter_dtype
 from deltatune.methods.lora.config import LoraConfig
+from deltatune.methods.lora.dora import DoraConv, DoraEmbedding, DoraLinear, LoraVariant
+from deltatune.methods.lora.init import init_from_base_weight, mutates_base
+from deltatune.quantized import quantized_lora_layer
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -24,8 +30,9 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
 
 
 class LoraLayer(AdapterLayer):
-    adapter_param_containers = ("lora_A", "lora_B")
-    adapter_state_attributes = ("lora_dropout", "scaling", "r", "lora_alpha")
+    adapter_param_containers = ("lora_A", "lora_B", "lora_magnitude_vector")
+    adapter_state_attributes = ("lora_dropout", "scaling", "r", "lora_alpha", "lora_variant")
+    dora_variant: ClassVar[LoraVariant]
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -35,9 +42,13 @@ class LoraLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA's per-adapter state
+        # Adapters that are not plain LoRA: the forward looks each adapter up here once.
+        self.lora_variant: dict[str, LoraVariant] = {}
 
     def update_layer(
-        self, adapter_name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool
+        self, adapter_name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool,
+        use_dora: bool = False,
     ) -> None:
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = alpha
@@ -48,24 +59,52 @@ class LoraLayer(AdapterLayer):
         weight = self.base_layer.weight
         for _, param in self.adapter_parameters(adapter_name):
             param.data = param.data.to(device=weight.device, dtype=adapter_dtype(weight))
+        self.lora_variant.pop(adapter_name, None)
+        if adapter_name in self.lora_magnitude_vector:  # ModuleDict.pop takes no default
+            del self.lora_magnitude_vector[adapter_name]
+        if use_dora:
+            self.lora_variant[adapter_name] = self.dora_variant
+            self.dora_variant.init(self, adapter_name)
+
+    def adapter_parameters(self, adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        # peft saves the DoRA magnitude (a module's `weight`, like its live name) under the container name alone.
+        for suffix, param in super().adapter_parameters(adapter_name):
+            yield ("lora_magnitude_vector" if suffix == "lora_magnitude_vector.weight" else suffix), param
+
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        variant = self.lora_variant.get(adapter_name)
+        if variant is None:
+            return super().merged_weight(adapter_name, weight)
+        return variant.merged_weight(self, adapter_name, weight)
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        variant = self.lora_variant.get(adapter_name)
+        if variant is None:
+            return super().unmerged_weight(adapter_name, weight)
+        return variant.unmerged_weight(self, adapter_name, weight)
 
     def _create_factors(self, adapter_name: str, r: int) -> None:
         raise NotImplementedError
 
     def _init_factors(self, adapter_name: str, init: bool | str) -> None:
+        # init=False keeps the factors' default (kaiming) init: a non-identity adapter, drawn as peft draws it.
+        if init is False:
+            return
+        if mutates_base(init):
+            init_from_base_weight(self, adapter_name, init)
+            return
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         if init == "gaussian":
             nn.init.normal_(a, std=1 / self.r[adapter_name])
         else:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        if init is False:  # a non-identity adapter, for tests and research
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(b)
+        nn.init.zeros_(b)
 
 
 class LoraLinear(LoraLayer):
     """LoRA on nn.Linear, or on transformers' Conv1D whose weight is stored (in, out): fan_in_fan_out."""
+
+    dora_variant = DoraLinear()
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -87,6 +126,10 @@ class LoraLinear(LoraLayer):
         if self.use_base_only():
             return result
         for name in self.active_adapters:
+            variant = self.lora_variant.get(name)
+            if variant is not None:
+                result = variant.forward(self, name, x, result)
+                continue
             lora_A = self.lora_A[name]
             h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
             result = result + (self.lora_B[name](lora_A(h)) * self.scaling[name]).to(result.dtype)
@@ -96,7 +139,8 @@ class LoraLinear(LoraLayer):
 class LoraEmbedding(LoraLayer):
     """LoRA on nn.Embedding: A is (r, num_embeddings) and is looked up like an embedding table."""
 
-    adapter_param_containers = ("lora_embedding_A", "lora_embedding_B")
+    adapter_param_containers = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    dora_variant = DoraEmbedding()
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
@@ -105,15 +149,14 @@ class LoraEmbedding(LoraLayer):
 
     def _create_factors(self, adapter_name: str, r: int) -> None:
         num, dim = self.base_layer.weight.shape
-        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, num))
-        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(dim, r))
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, num))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(dim, r))
 
     def _init_factors(self, adapter_name: str, init: bool | str) -> None:
-        nn.init.normal_(self.lora_embedding_B[adapter_name])
-        if init is False:
-            nn.init.normal_(self.lora_embedding_A[adapter_name])
-        else:
+        # Every other init (PiSSA and OLoRA included, as in peft) is the standard one for embeddings.
+        if init is not False:
             nn.init.zeros_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         delta = self.lora_embedding_B[adapter_name] @ self.lora_embedding_A[adapter_name]
@@ -125,6 +168,10 @@ class LoraEmbedding(LoraLayer):
             return result
         base = self.base_layer
         for name in self.active_adapters:
+            variant = self.lora_variant.get(name)
+            if variant is not None:
+                result = variant.forward(self, name, x, result)
+                continue
             a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
             after_a = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
                                   base.scale_grad_by_freq, base.sparse)
@@ -134,6 +181,8 @@ class LoraEmbedding(LoraLayer):
 
 class LoraConv(LoraLayer):
     """LoRA on nn.Conv1d / nn.Conv2d: A is a conv with the base's kernel, B a 1x1 conv."""
+
+    dora_variant = DoraConv()
 
     def __init__(self, base_layer: nn.Conv1d | nn.Conv2d) -> None:
         super().__init__(base_layer)
@@ -158,6 +207,10 @@ class LoraConv(LoraLayer):
         if self.use_base_only():
             return result
         for name in self.active_adapters:
+            variant = self.lora_variant.get(name)
+            if variant is not None:
+                result = variant.forward(self, name, x, result)
+                continue
             lora_A = self.lora_A[name]
             h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
             result = result + (self.lora_B[name](lora_A(h)) * self.scaling[name]).to(result.dtype)
@@ -176,6 +229,8 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
     """Wrap `target` (or add an adapter to an existing LoRA layer); None if the module type is unsupported."""
     if isinstance(target, LoraLayer):
         layer = target
+    elif (quantized := quantized_lora_layer(target)) is not None:  # before nn.Linear: quantized layers subclass it
+        layer = quantized
     elif isinstance(target, nn.Linear | Conv1D):
         if isinstance(target, Conv1D) != config.fan_in_fan_out:
             warnings.warn(
@@ -202,5 +257,6 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
         dropout=config.lora_dropout,
         init=config.init_lora_weights,
         use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
     )
     return layer

@@ -1,0 +1,242 @@
+"""DoRA (weight-decomposed LoRA, https://arxiv.org/abs/2402.09353): W' = m * (W + s B A) / ||W + s B A||.
+
+The norm is taken per output feature (per row of W for Linear and Conv, per embedding dimension for Embedding)
+and is treated as a constant in the backward pass, as the paper (section 4.3) and peft do. The trainable
+magnitude m starts at that norm, so a new adapter changes the layer exactly as its plain LoRA would. Files
+and live parameter names match peft's: `lora_magnitude_vector.<adapter>.weight` in the model,
+`lora_magnitude_vector` in adapter files.
+
+Variants are kept out of the plain LoRA forward: a LoRA layer maps adapter names to a `LoraVariant` in
+`lora_variant`, and its forward pays one dict lookup per adapter to learn that an adapter is plain.
+
+Cost. The forward never builds W + s B A: the base output is rescaled instead, with the LoRA branch fused into
+one addmm, out = g * (W x + s B A x) + (1 - g) * bias with g = m / ||W + s B A||. The norm needs one full copy
+of the weight, so it is computed once and cached on the adapter, keyed on the storage and version counter
+(`_version`) of W, A and B: every in-place change through autograd-visible ops (optimizer steps, copy_,
+load_state_dict) bumps the version, so the norm is recomputed after each optimizer step and reused by the
+micro-batches of a gradient-accumulation step and by activation-checkpointing recomputation. Writes that
+bypass version counters (`param.data.add_`, raw kernels) are not seen: call `clear_norm_cache` after them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from deltatune.methods.lora.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+
+# (W, P, Q, dim): the base weight as a 2-D view W2 with W2 + scaling * P @ Q the adapted weight in the same
+# layout, and `dim` the axis the per-feature norm reduces over.
+Operands = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+
+
+class LoraVariant:
+    """How a LoRA variant changes a layer: its forward and its merge. Stateless, one instance per layer type;
+    per-adapter state lives in the layer's adapter containers, so it is saved, trained and deleted with them."""
+
+    def init(self, layer: LoraLayer, adapter_name: str) -> None:
+        raise NotImplementedError
+
+    def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The layer's output with this adapter applied on top of `result` (the base and earlier adapters)."""
+        raise NotImplementedError
+
+    def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unmerged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DoraMagnitude(nn.Module):
+    """One adapter's magnitude vector (the trainable `weight`, peft's layout) and its cached weight norm."""
+
+    def __init__(self, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+        self.norm_key: tuple | None = None
+        self.norm: torch.Tensor | None = None
+        # The norm the adapter was merged with: unmerging needs it, and it cannot be recomputed from merged weights.
+        self.merged_norm: torch.Tensor | None = None
+
+    def clear_norm_cache(self) -> None:
+        self.norm_key = self.norm = None
+
+
+def clear_norm_cache(model: nn.Module) -> None:
+    """Forget every cached DoRA norm in `model` (needed only after writes that bypass version counters)."""
+    for module in model.modules():
+        if isinstance(module, DoraMagnitude):
+            module.clear_norm_cache()
+
+
+def _version_key(*tensors: torch.Tensor) -> tuple:
+    return tuple(v for t in tensors for v in (t.data_ptr(), t._version))
+
+
+def _plus_low_rank(w2: torch.Tensor, p: torch.Tensor, q: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W2 + scaling * P @ Q as one new tensor (the only full-size copy), in the factors' dtype."""
+    if w2.dtype == p.dtype:
+        return torch.addmm(w2, p, q, alpha=scaling)
+    return torch.mm(p, q).mul_(scaling).add_(w2)  # half-precision base beside float32 factors
+
+
+class _Dora(LoraVariant):
+    """What every DoRA layer type shares: the norm, its cache, init and merging. Subclasses say how the adapted
+    weight is laid out (`operands`) and write the forward."""
+
+    def operands(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> Operands:
+        raise NotImplementedError
+
+    def factors(self, layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+
+    def _norm_of(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        w2, p, q, dim = self.operands(layer, adapter_name, weight)
+        with torch.no_grad():
+            return torch.linalg.vector_norm(_plus_low_rank(w2, p, q, layer.scaling[adapter_name]), dim=dim)
+
+    def weight_norm(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+        """||W + s B A|| per output feature, detached, in the magnitude's shape; cached until W, A, B or s change."""
+        magnitude = layer.lora_magnitude_vector[adapter_name]
+        weight = layer.base_layer.weight
+        key = (layer.scaling[adapter_name], *_version_key(weight, *self.factors(layer, adapter_name)))
+        if magnitude.norm_key != key:
+            magnitude.norm = self._norm_of(layer, adapter_name, weight).view(magnitude.weight.shape)
+            magnitude.norm_key = key
+        return magnitude.norm
+
+    def init(self, layer: LoraLayer, adapter_name: str) -> None:
+        norm = self._norm_of(layer, adapter_name, layer.base_layer.weight)
+        layer.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.reshape(self.magnitude_shape(layer)))
+
+    def magnitude_shape(self, layer: LoraLayer) -> tuple[int, ...]:
+        return (-1,)
+
+    def _unmerged_norm(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+        """The norm forward uses: of the base weight without the adapters merged into it so far."""
+        if not layer.merged_adapters:
+            return self.weight_norm(layer, adapter_name)
+        weight = layer.base_layer.weight.detach()
+        for name in reversed(layer.merged_adapters):
+            weight = layer.unmerged_weight(name, weight)
+        return self._norm_of(layer, adapter_name, weight).view(layer.lora_magnitude_vector[adapter_name].weight.shape)
+
+    def _factor(self, magnitude: DoraMagnitude, norm: torch.Tensor, dim: int) -> torch.Tensor:
+        """m / norm as a column (dim=1) or row (dim=0) that broadcasts over the 2-D weight layout."""
+        return (magnitude.weight.detach() / norm).reshape(-1).unsqueeze(dim)
+
+    def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        magnitude = layer.lora_magnitude_vector[adapter_name]
+        norm = self._unmerged_norm(layer, adapter_name)
+        w2, p, q, dim = self.operands(layer, adapter_name, weight)
+        with torch.no_grad():
+            merged = _plus_low_rank(w2, p, q, layer.scaling[adapter_name]).mul_(self._factor(magnitude, norm, dim))
+        magnitude.merged_norm = norm
+        magnitude.clear_norm_cache()  # the weight's storage is about to be replaced
+        return merged.view(weight.shape).to(weight.dtype)
+
+    def unmerged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        magnitude = layer.lora_magnitude_vector[adapter_name]
+        if magnitude.merged_norm is None:
+            raise RuntimeError(f"DoRA adapter {adapter_name!r} was never merged into this layer: cannot unmerge it.")
+        w2, p, q, dim = self.operands(layer, adapter_name, weight)
+        with torch.no_grad():
+            # weight / g - s P Q, built in one tensor
+            unmerged = torch.mm(p, q).mul_(-layer.scaling[adapter_name])
+            unmerged.addcdiv_(w2, self._factor(magnitude, magnitude.merged_norm, dim))
+        magnitude.clear_norm_cache()
+        return unmerged.view(weight.shape).to(weight.dtype)
+
+
+def _rescaled(z: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, bias_shape: tuple[int, ...]) -> torch.Tensor:
+    """g * z + (1 - g) * bias: the base output z (bias included) and the LoRA term rescaled, the bias kept."""
+    if bias is None:
+        return z * g
+    return torch.addcmul(bias.view(bias_shape) * (1 - g), z, g)
+
+
+def _dropout_active(layer: LoraLayer, adapter_name: str) -> bool:
+    return layer.training and not isinstance(layer.lora_dropout[adapter_name], nn.Identity)
+
+
+class DoraLinear(_Dora):
+    """nn.Linear (weight (out, in)) and GPT-2's Conv1D (weight (in, out), fan_in_fan_out)."""
+
+    def operands(self, layer: LoraLinear, adapter_name: str, weight: torch.Tensor) -> Operands:
+        a, b = self.factors(layer, adapter_name)
+        return (weight, a.T, b.T, 0) if layer.fan_in_fan_out else (weight, b, a, 1)
+
+    def forward(self, layer: LoraLinear, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        scaling = layer.scaling[adapter_name]
+        g = layer.lora_magnitude_vector[adapter_name].weight / self.weight_norm(layer, adapter_name)
+        x = x.to(lora_A.weight.dtype)
+        out_shape = result.shape
+        if _dropout_active(layer, adapter_name):
+            # As peft: the rescaled base term sees the dropped-out input too, so it needs its own product.
+            x = layer.lora_dropout[adapter_name](x)
+            weight = layer.base_layer.weight.to(x.dtype)
+            base = F.linear(x, weight.T if layer.fan_in_fan_out else weight).reshape(-1, out_shape[-1])
+            z = torch.addmm(base, lora_A(x).reshape(-1, lora_B.in_features), lora_B.weight.T, alpha=scaling)
+            out = torch.addcmul(result.reshape(-1, out_shape[-1]) - base, z, g)
+        else:
+            result2 = result.reshape(-1, out_shape[-1]).to(x.dtype)
+            z = torch.addmm(result2, lora_A(x).reshape(-1, lora_B.in_features), lora_B.weight.T, alpha=scaling)
+            out = _rescaled(z, g, layer.base_layer.bias, (-1,))
+        return out.view(out_shape).to(result.dtype)
+
+
+class DoraEmbedding(_Dora):
+    """nn.Embedding: the norm is per embedding dimension (a column of the table), as in peft."""
+
+    def factors(self, layer: LoraEmbedding, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name]
+
+    def operands(self, layer: LoraEmbedding, adapter_name: str, weight: torch.Tensor) -> Operands:
+        a, b = self.factors(layer, adapter_name)  # (r, num), (dim, r)
+        return weight, a.T, b.T, 0
+
+    def forward(self, layer: LoraEmbedding, adapter_name: str, x: torch.Tensor, result: torch.Tensor
+                ) -> torch.Tensor:
+        a, b = self.factors(layer, adapter_name)
+        base = layer.base_layer
+        g = layer.lora_magnitude_vector[adapter_name].weight / self.weight_norm(layer, adapter_name)
+        after_a = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                              base.sparse)
+        dim = result.shape[-1]
+        z = torch.addmm(result.reshape(-1, dim).to(a.dtype), after_a.reshape(-1, a.shape[0]), b.T,
+                        alpha=layer.scaling[adapter_name])
+        return (z * g).view(result.shape).to(result.dtype)
+
+
+class DoraConv(_Dora):
+    """nn.Conv1d / nn.Conv2d: the norm is per output channel; the magnitude is shaped (1, out, 1, ...) as in peft."""
+
+    def magnitude_shape(self, layer: LoraConv) -> tuple[int, ...]:
+        weight = layer.base_layer.weight
+        return (1, -1) + (1,) * (weight.dim() - 2)
+
+    def operands(self, layer: LoraConv, adapter_name: str, weight: torch.Tensor) -> Operands:
+        a, b = self.factors(layer, adapter_name)  # (r, in, k...), (out, r, 1...)
+        return weight.flatten(1), b.flatten(1), a.flatten(1), 1
+
+    def forward(self, layer: LoraConv, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        scaling = layer.scaling[adapter_name]
+        g = layer.lora_magnitude_vector[adapter_name].weight / self.weight_norm(layer, adapter_name)
+        x = x.to(lora_A.weight.dtype)
+        base_layer = layer.base_layer
+        if _dropout_active(layer, adapter_name):
+            x = layer.lora_dropout[adapter_name](x)
+            base = base_layer._conv_forward(x, base_layer.weight.to(x.dtype), None)
+            z = torch.add(base, lora_B(lora_A(x)), alpha=scaling)
+            out = torch.addcmul(result - base, z, g)
+        else:
+            z = torch.add(result.to(x.dtype), lora_B(lora_A(x)), alpha=scaling)
+            out = _rescaled(z, g, base_layer.bias, g.shape)
+        return out.to(result.dtype)

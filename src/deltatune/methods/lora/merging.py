@@ -1,0 +1,371 @@
+"""Combining LoRA adapters into a new one (peft's add_weighted_adapter).
+
+Two layers: pure functions over tensors (task arithmetic, TIES, DARE, magnitude pruning, and the LoRA-specific
+ways of applying them to factors), and `add_weighted_adapter`, which adds the new adapter to a PeftModel and fills
+each layer with them.
+
+Combination types, as peft defines them:
+- "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune" combine the A factors and the B factors
+  separately, each weighted by sqrt(|weight * scaling|) (the sign goes on A only). Approximate: the product of
+  combined factors is not the combined product. All adapters need the same rank, which the result keeps.
+- "cat" stacks the factors, A_i scaled by weight_i * scaling_i: exact, the rank is the sum of the ranks.
+- "svd" and the "<type>_svd" variants combine the full delta weights (scaling included) and factor the result by a
+  truncated SVD of rank `svd_rank` (default: the largest rank).
+The new adapter has lora_alpha == r, so its scaling is 1.
+
+DARE draws its masks from torch's global generator in peft's order (layer by layer in module order, A before B,
+adapters in the given order), so a run after the same `torch.manual_seed` gives the same adapter as peft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from deltatune import injection
+from deltatune.layers import adapter_layers
+from deltatune.methods.lora.config import LoraConfig
+from deltatune.methods.lora.init import mutates_base
+from deltatune.methods.lora.layers import LoraEmbedding, LoraLayer
+
+if TYPE_CHECKING:
+    from deltatune.peft_model import PeftModel
+
+FACTOR_WISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+COMBINATION_TYPES = ("svd", "linear", "cat", *FACTOR_WISE[1:], *SVD_TYPES[1:])
+NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+SIGN_METHODS = ("total", "frequency")
+
+
+# --- task arithmetic over tensors ---------------------------------------------------------------
+def _weighted(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return stacked * weights.view(weights.shape + (1,) * (stacked.dim() - weights.dim()))
+
+
+def magnitude_pruned(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the int(density * numel) entries of largest magnitude, zero the others."""
+    if density >= 1:
+        return tensor
+    flat = torch.zeros_like(tensor).reshape(-1)
+    flat[torch.topk(tensor.abs().reshape(-1), k=int(density * tensor.numel())).indices] = 1
+    return tensor * flat.reshape(tensor.shape)
+
+
+def randomly_pruned(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE: keep each entry with probability `density` and divide the survivors by it (expectation kept)."""
+    if density >= 1:
+        return tensor
+    return tensor * torch.bernoulli(torch.full_like(tensor, density)) / density
+
+
+def majority_sign_mask(stacked: torch.Tensor, method: str = "total") -> torch.Tensor:
+    """TIES sign election over dim 0: the sign of the sum ("total") or of the sign count ("frequency")."""
+    sign = stacked.sign()
+    votes = stacked.sum(dim=0) if method == "total" else sign.sum(dim=0)
+    return sign == torch.where(votes >= 0, 1, -1)
+
+
+def disjoint_mean(weighted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 0 of the entries that agree with the elected sign."""
+    return (weighted * mask).sum(dim=0) / torch.clamp(mask.sum(dim=0), min=1.0)
+
+
+def task_arithmetic(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    return _weighted(torch.stack(list(tensors)), weights).sum(dim=0)
+
+
+def magnitude_prune(tensors: Sequence[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
+    return task_arithmetic([magnitude_pruned(t, density) for t in tensors], weights)
+
+
+def dare_linear(tensors: Sequence[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
+    return task_arithmetic([randomly_pruned(t, density) for t in tensors], weights)
+
+
+def _ties_merge(pruned: list[torch.Tensor], weights: torch.Tensor, majority_sign_method: str) -> torch.Tensor:
+    stacked = torch.stack(pruned)
+    mask = majority_sign_mask(stacked, majority_sign_method)
+    return disjoint_mean(_weighted(stacked, weights), mask)
+
+
+def ties(tensors: Sequence[torch.Tensor], weights: torch.Tensor, density: float,
+         majority_sign_method: str = "total") -> torch.Tensor:
+    return _ties_merge([magnitude_pruned(t, density) for t in tensors], weights, majority_sign_method)
+
+
+def dare_ties(tensors: Sequence[torch.Tensor], weights: torch.Tensor, density: float,
+              majority_sign_method: str = "total") -> torch.Tensor:
+    return _ties_merge([randomly_pruned(t, density) for t in tensors], weights, majority_sign_method)
+
+
+def combine_tensors(combination: str, tensors: Sequence[torch.Tensor], weights: torch.Tensor,
+                    density: float | None = None, majority_sign_method: str = "total") -> torch.Tensor:
+    """One combined tensor; `combination` is a factor-wise type or an SVD type ("svd" is plain task arithmetic)."""
+    kind = combination.removesuffix("_svd")
+    if kind in ("svd", "linear"):
+        return task_arithmetic(tensors, weights)
+    if kind == "magnitude_prune":
+        return magnitude_prune(tensors, weights, density)
+    if kind == "dare_linear":
+        return dare_linear(tensors, weights, density)
+    if kind == "ties":
+        return ties(tensors, weights, density, majority_sign_method)
+    if kind == "dare_ties":
+        return dare_ties(tensors, weights, density, majority_sign_method)
+    raise ValueError(f"Unknown combination_type {combination!r}; choose one of {list(COMBINATION_TYPES)}.")
+
+
+# --- LoRA factors ------------------------------------------------------------------------------
+def factor_weights(weights: Sequence[float], scalings: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights for A and for B: sqrt(|w * s|) each, the sign on A alone (so a negative weight subtracts)."""
+    products = [w * s for w, s in zip(weights, scalings, strict=True)]
+    roots = [math.sqrt(abs(p)) for p in products]
+    signed = [root * (1 if p >= 0 else -1) for root, p in zip(roots, products, strict=True)]
+    return torch.tensor(signed), torch.tensor(roots)
+
+
+def _padded(tensor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """Zero-pad the rank dimension up to `rank` (a no-op for the product B A)."""
+    missing = rank - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+
+
+def combine_factor_wise(combination: str, factors_a: Sequence[torch.Tensor], factors_b: Sequence[torch.Tensor],
+                        weights: Sequence[float], scalings: Sequence[float], rank: int,
+                        density: float | None = None, majority_sign_method: str = "total"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of rank `rank` for the factor-wise types; every adapter must have the same rank here."""
+    ranks = {a.shape[0] for a in factors_a}
+    if len(ranks) > 1:
+        raise ValueError(
+            f"combination_type={combination!r} combines A and B factors entry by entry, so the adapters need the "
+            f"same rank in every layer; this layer has ranks {sorted(ranks)}. Use 'cat' or 'svd' instead."
+        )
+    weights_a, weights_b = factor_weights(weights, scalings)
+    dtype = factors_a[0].dtype
+    a = combine_tensors(combination, factors_a, weights_a.to(factors_a[0].device), density, majority_sign_method)
+    b = combine_tensors(combination, factors_b, weights_b.to(factors_b[0].device), density, majority_sign_method)
+    return _padded(a.to(dtype), rank, 0), _padded(b.to(dtype), rank, 1)
+
+
+def concatenate_factors(factors_a: Sequence[torch.Tensor], factors_b: Sequence[torch.Tensor],
+                        weights: Sequence[float], scalings: Sequence[float], rank: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """"cat": A = [w_i s_i A_i] stacked, B = [B_i] side by side, so B A = sum_i w_i s_i B_i A_i exactly."""
+    a = torch.cat([a * w * s for a, w, s in zip(factors_a, weights, scalings, strict=True)], dim=0)
+    b = torch.cat(list(factors_b), dim=1)
+    return _padded(a, rank, 0), _padded(b, rank, 1)
+
+
+def truncated_svd(delta: torch.Tensor, rank: int, clamp: float | None = None, full_matrices: bool = True,
+                  driver: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B A the best rank-`rank` approximation of `delta` (B = U S, A = V^T).
+
+    `clamp` is a quantile q: entries of A and B are clamped to +-(the q-quantile of all their entries). A rank above
+    min(delta.shape) is zero-padded.
+    """
+    u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
+    k = min(rank, s.numel())
+    b = u[:, :k] @ torch.diag(s[:k])
+    a = vh[:k, :]
+    if clamp is not None:
+        high = torch.quantile(torch.cat([b.flatten(), a.flatten()]), clamp)
+        b, a = b.clamp(-high, high), a.clamp(-high, high)
+    return _padded(a, rank, 0), _padded(b, rank, 1)
+
+
+def combine_svd(combination: str, deltas: Sequence[torch.Tensor], weights: Sequence[float], rank: int,
+                a_shape: Sequence[int], b_shape: Sequence[int], transposed: bool = False,
+                density: float | None = None, majority_sign_method: str = "total", clamp: float | None = None,
+                full_matrices: bool = True, driver: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of rank `rank`, shaped like the layer's factors (`a_shape`, `b_shape` up to the rank), for the SVD
+    types.
+
+    `deltas` are the adapters' delta weights (scaling included) in the base weight's layout, where peft combines
+    them (DARE's masks depend on it); `transposed` says that layout is (in, out) (GPT-2's Conv1D, embeddings).
+    """
+    delta = combine_tensors(combination, deltas, torch.tensor(list(weights)).to(deltas[0].device), density,
+                            majority_sign_method)
+    matrix = delta.T if transposed else delta.flatten(1)
+    a, b = truncated_svd(matrix, rank, clamp, full_matrices, driver)
+    return a.reshape(rank, *a_shape[1:]), b.reshape(b_shape[0], rank, *b_shape[2:])
+
+
+# --- adding the combined adapter to a model ------------------------------------------------------
+def _factors(layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(layer, LoraEmbedding):
+        return layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name]
+    return layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+
+
+def _max_rank(config: LoraConfig) -> int:
+    return max([config.r, *config.rank_pattern.values()])
+
+
+def _check_arguments(model: PeftModel, adapters: list[str], weights: list[float], adapter_name: str,
+                     combination_type: str, density: float | None, majority_sign_method: str) -> list[LoraConfig]:
+    if not adapters or len(adapters) != len(weights):
+        raise ValueError(
+            f"add_weighted_adapter needs one weight per adapter; got {len(adapters)} adapter(s) and "
+            f"{len(weights)} weight(s)."
+        )
+    if adapter_name in model.peft_config:
+        raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name for the new adapter.")
+    unknown = [name for name in adapters if name not in model.peft_config]
+    if unknown:
+        raise ValueError(f"No adapter named {unknown[0]!r}. Loaded adapters: {sorted(model.peft_config)}.")
+    if combination_type not in COMBINATION_TYPES:
+        raise ValueError(f"Unknown combination_type {combination_type!r}; choose one of {list(COMBINATION_TYPES)}.")
+    configs = [model.peft_config[name] for name in adapters]
+    for name, config in zip(adapters, configs, strict=True):
+        if not isinstance(config, LoraConfig):
+            raise ValueError(
+                f"add_weighted_adapter combines LoRA adapters, but {name!r} is a {config.peft_type} adapter."
+            )
+        if getattr(config, "use_dora", False):
+            raise ValueError(f"add_weighted_adapter does not support DoRA adapters ({name!r} uses DoRA).")
+    if combination_type.removesuffix("_svd") in NEEDS_DENSITY and len(adapters) > 1:
+        if density is None or not 0 <= density <= 1:
+            raise ValueError(
+                f"combination_type={combination_type!r} prunes each adapter: pass density, the fraction of entries "
+                f"to keep, between 0 and 1 (got {density!r})."
+            )
+        if density == 1:
+            warnings.warn("density=1 keeps every entry: nothing is pruned.", stacklevel=3)
+    if majority_sign_method not in SIGN_METHODS:
+        raise ValueError(f"majority_sign_method must be one of {SIGN_METHODS}, got {majority_sign_method!r}.")
+    shared = [
+        name for name, wrapper in injection.wrappers(model.get_base_model())
+        if sum(adapter in wrapper.modules_to_save for adapter in adapters) > 1
+    ]
+    if shared:
+        raise ValueError(
+            f"Several of the adapters have their own copy of {shared} (modules_to_save), and such copies cannot be "
+            "combined. Combine adapters of which at most one trains each of these modules."
+        )
+    return configs
+
+
+def _new_rank(combination: str, configs: list[LoraConfig], svd_rank: int | None) -> int:
+    ranks = [_max_rank(config) for config in configs]
+    if combination in FACTOR_WISE:
+        if len(set(ranks)) > 1:
+            raise ValueError(
+                f"combination_type={combination!r} needs adapters of the same rank; these have ranks {ranks}. "
+                "Use 'cat' (rank = sum of ranks) or 'svd' (rank = svd_rank) to combine adapters of different ranks."
+            )
+        return ranks[0]
+    if combination == "cat":
+        return sum(ranks)
+    return svd_rank or max(ranks)
+
+
+def _union(values: list, what: str):
+    if all(isinstance(v, str) for v in values):
+        return "|".join(f"({v})" for v in values)
+    if any(isinstance(v, str) for v in values):
+        raise ValueError(
+            f"Cannot combine adapters whose {what} mix a regex string and a list of names; use one form for all."
+        )
+    return sorted(set().union(*(v or [] for v in values))) or None
+
+
+def combined_config(configs: list[LoraConfig], rank: int) -> LoraConfig:
+    """The first adapter's config with rank `rank`, scaling 1, and the union of everyone's target modules.
+
+    Unlike peft, use_rslora is turned off (peft keeps it, which scales the result by sqrt(rank)), init_lora_weights
+    is True when the first adapter's init rewrote the base weights, and modules_to_save is the union.
+    """
+    first = configs[0]
+    init = True if mutates_base(first.init_lora_weights) else first.init_lora_weights
+    return dataclasses.replace(
+        first, r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
+        target_modules=_union([c.target_modules for c in configs], "target_modules"),
+        modules_to_save=_union([c.modules_to_save for c in configs], "modules_to_save"),
+        init_lora_weights=init,
+    )
+
+
+def add_weighted_adapter(
+    model: PeftModel,
+    adapters: list[str],
+    weights: list[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = True,
+    svd_driver: str | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+) -> None:
+    """Add `adapter_name`, a weighted combination of LoRA `adapters` (see the module docstring); it is not
+    activated. A modules_to_save copy held by one of the adapters is copied into the new adapter.
+    """
+    adapters, weights = list(adapters), [float(w) for w in weights]
+    configs = _check_arguments(model, adapters, weights, adapter_name, combination_type, density,
+                               majority_sign_method)
+    combination = "linear" if len(adapters) == 1 else combination_type
+    rank = _new_rank(combination, configs, svd_rank)
+    config = combined_config(configs, rank)
+    # After a first adapter initialised from the base (PiSSA, OLoRA), inject with init False: it leaves the base
+    # alone and draws what peft's injection draws, which keeps DARE's masks in step with peft.
+    from_base = mutates_base(configs[0].init_lora_weights)
+    model.add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=False) if from_base else config)
+    model.peft_config[adapter_name].init_lora_weights = config.init_lora_weights
+    try:
+        _fill_layers(model, adapters, weights, adapter_name, combination, rank, density, majority_sign_method,
+                     svd_clamp, svd_full_matrices, svd_driver)
+        _copy_modules_to_save(model, adapters, adapter_name)
+    except Exception:
+        model.delete_adapter(adapter_name)
+        raise
+
+
+def _fill_layers(model: PeftModel, adapters: list[str], weights: list[float], adapter_name: str, combination: str,
+                 rank: int, density: float | None, majority_sign_method: str, clamp: float | None,
+                 full_matrices: bool, driver: str | None) -> None:
+    for _, layer in adapter_layers(model.get_base_model()):
+        if not isinstance(layer, LoraLayer) or adapter_name not in layer.adapter_names:
+            continue
+        target_a, target_b = _factors(layer, adapter_name)
+        present = [(name, w) for name, w in zip(adapters, weights, strict=True) if name in layer.adapter_names]
+        with torch.no_grad():
+            if not present:  # a module only the new config targets: leave it a no-op
+                target_a.zero_()
+                target_b.zero_()
+                continue
+            factors_a, factors_b = zip(*(_factors(layer, name) for name, _ in present), strict=True)
+            factors_a = [f.detach() for f in factors_a]
+            factors_b = [f.detach() for f in factors_b]
+            ws = [w for _, w in present]
+            scalings = [layer.scaling[name] for name, _ in present]
+            if combination == "cat":
+                a, b = concatenate_factors(factors_a, factors_b, ws, scalings, rank)
+            elif combination in SVD_TYPES:
+                deltas = [layer.delta_weight(name).detach() for name, _ in present]
+                transposed = isinstance(layer, LoraEmbedding) or getattr(layer, "fan_in_fan_out", False)
+                a, b = combine_svd(combination, deltas, ws, rank, target_a.shape, target_b.shape, transposed,
+                                   density, majority_sign_method, clamp, full_matrices, driver)
+            else:
+                a, b = combine_factor_wise(combination, factors_a, factors_b, ws, scalings, rank, density,
+                                           majority_sign_method)
+            target_a.copy_(a)
+            target_b.copy_(b)
+
+
+def _copy_modules_to_save(model: PeftModel, adapters: list[str], adapter_name: str) -> None:
+    for _, wrapper in injection.wrappers(model.get_base_model()):
+        owners = [name for name in adapters if name in wrapper.modules_to_save]
+        if owners and adapter_name in wrapper.modules_to_save:
+            wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[owners[0]].state_dict())
