@@ -17,6 +17,7 @@ from deltatune.methods.bottleneck import BottleneckConfig
 from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.ln_tuning import LNTuningConfig
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.lora.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.methods.lora.loraplus import create_loraplus_optimizer
 from deltatune.methods.p_tuning import PromptEncoderConfig
 from deltatune.methods.prefix_tuning import PrefixTuningConfig
@@ -62,6 +63,8 @@ __all__ = [
     "PeftModelForTokenClassification",
     "TaskType",
     "get_peft_model",
+    "hotswap_adapter",
+    "prepare_model_for_compiled_hotswap",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "prepare_model_for_kbit_training",

@@ -27,6 +27,7 @@ from deltatune.checkpoint import (
 )
 from deltatune.config import CONFIG_NAME, PeftConfig
 from deltatune.layers import adapter_layers
+from deltatune.methods.lora.mixed_batch import batch_size_of, generation_expansion, mixed_adapter_rows
 from deltatune.quantized import dequantize_model, parameter_count
 from deltatune.registry import Method, get_method
 
@@ -261,7 +262,11 @@ class PeftModel(nn.Module):
     def _prompt_active(self) -> bool:
         return self.active_adapter in self.prompt_encoder and not self._adapters_disabled
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """With adapter_names, row i runs with LoRA adapter adapter_names[i] ("__base__": none) in one batch."""
+        if adapter_names is not None:
+            with mixed_adapter_rows(self, adapter_names, batch_size_of(args, kwargs)):
+                return self.base_model(*args, **kwargs)
         if not self._prompt_active:
             return self.base_model(*args, **kwargs)
         if args:
@@ -384,8 +389,16 @@ def _model_card(config: PeftConfig) -> str:
 
 
 class PeftModelForCausalLM(PeftModel):
-    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """transformers' generate(); with a prompt adapter the output holds the input and new tokens only."""
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> torch.Tensor:
+        """transformers' generate(); with a prompt adapter the output holds the input and new tokens only.
+
+        With adapter_names (one per input row), each row generates with its own LoRA adapter; generate() repeats
+        a row for each beam or returned sequence, and its adapter with it."""
+        if adapter_names is not None:
+            model = self.get_base_model()
+            expand = generation_expansion(model, kwargs)
+            with mixed_adapter_rows(self, adapter_names, batch_size_of(args, kwargs), repeat=expand):
+                return model.generate(*args, **kwargs)
         if not self._prompt_active:
             return self.get_base_model().generate(*args, **kwargs)
         kwargs = _prompt_generate_kwargs(args, kwargs)

@@ -22,6 +22,7 @@ from deltatune.layers import AdapterLayer, adapter_dtype
 from deltatune.methods.lora.config import LoraConfig
 from deltatune.methods.lora.dora import DoraConv, DoraEmbedding, DoraLinear, LoraVariant
 from deltatune.methods.lora.init import init_from_base_weight, mutates_base
+from deltatune.methods.lora.mixed_batch import mixed_forward
 from deltatune.quantized import quantized_lora_layer
 
 
@@ -105,6 +106,8 @@ class LoraLinear(LoraLayer):
     """LoRA on nn.Linear, or on transformers' Conv1D whose weight is stored (in, out): fan_in_fan_out."""
 
     dora_variant = DoraLinear()
+    # (adapter names, per-row index tensor) while a mixed-adapter batch runs; see mixed_batch.py.
+    mixed_rows: tuple[tuple[str, ...], torch.Tensor] | None = None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -123,6 +126,8 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.mixed_rows is not None:
+            return mixed_forward(self, x, result)
         if self.use_base_only():
             return result
         for name in self.active_adapters:

@@ -1,0 +1,166 @@
+"""Mixed-adapter batches: one LoRA adapter per row (or the bare model, `BASE`) in a single forward.
+
+Each LoRA Linear layer stacks the factors of the adapters in the batch, zero-padded to the largest rank, with
+the scaling folded into B; the bare model is the all-zero entry 0. A forward then gathers every row's A and B
+and applies them with two batched matmuls, so the cost does not grow with the number of distinct adapters and
+there is no Python loop over sub-batches. The stacks are cached per layer, keyed on the adapters' names and the
+storage and version counter (`_version`) of each factor, so they are rebuilt after an optimizer step, a load or
+a hot-swap, and reused by every step of a generate() call. With gradients enabled they are built afresh each
+call (so gradients reach the factors) and not cached.
+
+The rows reach the layers through `mixed_rows` on each LoRA layer, set for the duration of one call by
+`mixed_adapter_rows` (no patching of transformers); a layer whose `mixed_rows` is set skips its active-adapter
+path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from deltatune.layers import adapter_layers
+
+if TYPE_CHECKING:
+    from deltatune.methods.lora.layers import LoraLinear
+    from deltatune.peft_model import PeftModel
+
+BASE = "__base__"
+
+
+@contextmanager
+def mixed_adapter_rows(peft_model: PeftModel, adapter_names: Sequence[str], batch_size: int, repeat: int = 1
+                       ) -> Iterator[None]:
+    """Route row i of every forward inside the block through adapter `adapter_names[i]` (BASE: no adapter);
+    with `repeat`, the layers see each row `repeat` times in a row (generate()'s beams and returned sequences)."""
+    from deltatune import injection
+    from deltatune.methods.lora.layers import LoraLinear
+
+    names = _check_request(peft_model, adapter_names, batch_size)
+    model = peft_model.get_base_model()
+    layers = [layer for _, layer in adapter_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("Mixed-adapter batches need unmerged adapters: call unmerge_adapter() first.")
+    for layer in layers:
+        used = [n for n in names if n in layer.adapter_names]
+        if used and not isinstance(layer, LoraLinear):
+            raise ValueError(
+                f"Mixed-adapter batches support LoRA on Linear / Conv1D layers only; adapter(s) {used} also "
+                f"adapt a {type(layer.base_layer).__name__} layer."
+            )
+        dropped = [n for n in used if layer.training and not isinstance(layer.lora_dropout[n], torch.nn.Identity)]
+        if dropped:
+            raise ValueError(f"Mixed-adapter batches do not apply dropout; adapter(s) {dropped} use it in "
+                             "training mode. Call model.eval() or use adapters without lora_dropout.")
+    index = {name: i + 1 for i, name in enumerate(names)}
+    rows = torch.tensor([index.get(name, 0) for name in adapter_names]).repeat_interleave(repeat)
+    lora_layers = [layer for layer in layers if isinstance(layer, LoraLinear)]
+    for layer in lora_layers:
+        layer.mixed_rows = (tuple(names), rows.to(layer.base_layer.weight.device))
+    # Everything else (other methods' layers, modules_to_save copies) runs as the bare model for every row;
+    # LoRA Linear layers take the mixed path before they look at the flag.
+    injection.set_disabled(model, True)
+    try:
+        yield
+    finally:
+        injection.set_disabled(model, False)
+        for layer in lora_layers:
+            layer.mixed_rows = None
+
+
+def _check_request(peft_model: PeftModel, adapter_names: Sequence[str], batch_size: int) -> list[str]:
+    """The distinct adapters (BASE left out) in request order, after refusing what a mixed batch cannot do."""
+    if isinstance(adapter_names, str) or len(adapter_names) != batch_size:
+        raise ValueError(
+            f"adapter_names needs one adapter name per row: got {len(adapter_names)} name(s) for a batch of "
+            f"{batch_size}."
+        )
+    names = list(dict.fromkeys(n for n in adapter_names if n != BASE))
+    configs = peft_model.peft_config
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise ValueError(f"Unknown adapter(s) {unknown} in adapter_names. Loaded adapters: {sorted(configs)}, "
+                         f"or {BASE!r} for the bare model.")
+    for name in names:
+        config = configs[name]
+        if config.peft_type != "LORA":
+            raise ValueError(f"Adapter {name!r} is a {config.peft_type} adapter; mixed-adapter batches support "
+                             "LoRA adapters only.")
+        if config.use_dora:
+            raise ValueError(f"Adapter {name!r} uses DoRA; mixed-adapter batches support plain LoRA only.")
+        if config.modules_to_save:
+            raise ValueError(f"Adapter {name!r} has modules_to_save {config.modules_to_save}, which mixed-adapter "
+                             "batches do not support.")
+    if peft_model._adapters_disabled:
+        raise ValueError("adapter_names cannot be used inside disable_adapter(); pass '__base__' rows instead.")
+    return names
+
+
+def batch_size_of(args: tuple, kwargs: dict[str, Any]) -> int:
+    for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if torch.is_tensor(value):
+            return value.shape[0]
+    raise ValueError("adapter_names needs input_ids or inputs_embeds to know the batch size.")
+
+
+def generation_expansion(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:
+    """How many rows generate() makes of each input row: num_beams for beam search, else num_return_sequences."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+    returns = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
+    return beams if beams > 1 else returns
+
+
+def stacked_factors(layer: LoraLinear, names: tuple[str, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(A, B): (n + 1, R, in) and (n + 1, out, R), entry 0 zeros (the bare model), B scaled, ranks zero-padded.
+
+    An adapter that does not adapt this layer is a zero entry too."""
+    factors = [(i + 1, layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n])
+               for i, n in enumerate(names) if n in layer.lora_A]
+    key = (names, dtype, tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, _scalar_key(s))
+                               for _, a, b, s in factors))
+    grad = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for _, a, b, _ in factors)
+    cached = layer.__dict__.get("_mixed_cache")
+    if not grad and cached is not None and cached[0] == key:
+        return cached[1]
+    rank = max((a.shape[0] for _, a, _, _ in factors), default=1)
+    weight = layer.base_layer.weight
+    zero_a = torch.zeros(rank, layer.in_features, dtype=dtype, device=weight.device)
+    zero_b = torch.zeros(layer.out_features, rank, dtype=dtype, device=weight.device)
+    parts_a, parts_b = [zero_a] * (len(names) + 1), [zero_b] * (len(names) + 1)
+    with torch.set_grad_enabled(grad):
+        for i, a, b, s in factors:
+            pad = rank - a.shape[0]
+            parts_a[i] = F.pad(a.to(dtype), (0, 0, 0, pad))
+            parts_b[i] = F.pad((b * s).to(dtype), (0, pad))
+        stacks = torch.stack(parts_a), torch.stack(parts_b)
+    if not grad:
+        layer._mixed_cache = (key, stacks)
+    return stacks
+
+
+def _scalar_key(scaling: float | torch.Tensor) -> Any:
+    return (scaling.data_ptr(), scaling._version) if torch.is_tensor(scaling) else scaling
+
+
+def mixed_forward(layer: LoraLinear, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """`result` plus, for each row of `x`, that row's adapter: two batched matmuls over gathered factors."""
+    names, rows = layer.mixed_rows
+    if x.shape[0] != rows.shape[0]:
+        raise ValueError(
+            f"A mixed-adapter batch was set up for {rows.shape[0]} rows, but a layer got {x.shape[0]}; "
+            "the model changed the batch size (beam search or num_return_sequences outside generate()?)."
+        )
+    stack_a, stack_b = stacked_factors(layer, names, _factor_dtype(layer))
+    h = x.to(stack_a.dtype).reshape(x.shape[0], -1, x.shape[-1])
+    h = torch.bmm(torch.bmm(h, stack_a[rows].transpose(1, 2)), stack_b[rows].transpose(1, 2))
+    return result + h.reshape(result.shape).to(result.dtype)
+
+
+def _factor_dtype(layer: LoraLinear) -> torch.dtype:
+    for module in layer.lora_A.values():
+        return module.weight.dtype
+    return layer.base_layer.weight.dtype

@@ -1,0 +1,103 @@
+"""hotswap_adapter and prepare_model_for_compiled_hotswap: same outputs as a fresh load, no recompilation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+import deltatune
+from deltatune import AdapterLoadError, hotswap_adapter, prepare_model_for_compiled_hotswap
+
+
+def save_adapter(path, seed: int, targets=("q_proj", "v_proj"), **kwargs) -> str:
+    config = deltatune.LoraConfig(task_type="CAUSAL_LM", target_modules=list(targets), **kwargs)
+    model = deltatune.get_peft_model(tiny_llama(), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    return {
+        "small": save_adapter(tmp_path / "small", seed=1, r=4, lora_alpha=8),
+        "large": save_adapter(tmp_path / "large", seed=2, r=8, lora_alpha=4),
+        "subset": save_adapter(tmp_path / "subset", seed=3, targets=("q_proj",), r=4, lora_alpha=16),
+        "other": save_adapter(tmp_path / "other", seed=4, targets=("k_proj",), r=4),
+    }
+
+
+def load(path: str) -> deltatune.PeftModel:
+    return deltatune.PeftModel.from_pretrained(tiny_llama(), path).eval()
+
+
+IDS = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def test_swap_equals_a_fresh_load(adapters):
+    model = load(adapters["small"])
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    a_before = layer.lora_A["default"]
+    hotswap_adapter(model, adapters["subset"])
+    assert layer.lora_A["default"] is a_before  # weights replaced in place, modules kept
+    torch.testing.assert_close(logits(model), logits(load(adapters["subset"])))
+    hotswap_adapter(model, adapters["small"])
+    torch.testing.assert_close(logits(model), logits(load(adapters["small"])))
+
+
+def test_padded_model_swaps_to_larger_rank_and_other_alpha(adapters):
+    model = load(adapters["small"])
+    before = logits(model)
+    prepare_model_for_compiled_hotswap(model, target_rank=8)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.shape[0] == 8 and torch.is_tensor(layer.scaling["default"])
+    torch.testing.assert_close(logits(model), before)  # zero padding changes nothing
+    hotswap_adapter(model, adapters["large"])
+    torch.testing.assert_close(logits(model), logits(load(adapters["large"])))
+
+
+def test_compiled_model_does_not_recompile_after_swaps(adapters):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = load(adapters["small"])
+    prepare_model_for_compiled_hotswap(model, target_rank=8)
+    compiled = torch.compile(model, backend="eager")
+    torch.testing.assert_close(logits(compiled), logits(load(adapters["small"])))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for name in ("large", "subset", "small"):
+            hotswap_adapter(model, adapters[name])
+            torch.testing.assert_close(logits(compiled), logits(load(adapters[name])))
+    torch._dynamo.reset()
+
+
+def test_larger_rank_than_prepared_is_refused_and_nothing_changes(adapters):
+    model = load(adapters["small"])
+    before = logits(model)
+    with pytest.raises(AdapterLoadError, match="rank 8.*larger than the loaded rank 4.*target_rank=8"):
+        hotswap_adapter(model, adapters["large"])
+    torch.testing.assert_close(logits(model), before)
+
+
+def test_modules_not_in_the_loaded_adapter_are_refused(adapters):
+    model = load(adapters["small"])
+    with pytest.raises(AdapterLoadError, match="k_proj.*cannot add LoRA layers"):
+        hotswap_adapter(model, adapters["other"])
+    with pytest.raises(ValueError, match="No adapter named 'x'"):
+        hotswap_adapter(model, adapters["small"], adapter_name="x")
+
+
+def test_target_rank_below_loaded_rank_is_refused(adapters):
+    model = load(adapters["large"])
+    with pytest.raises(ValueError, match="target_rank=4 is smaller"):
+        prepare_model_for_compiled_hotswap(model, target_rank=4)

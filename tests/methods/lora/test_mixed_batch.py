@@ -1,0 +1,171 @@
+"""Mixed-adapter batches (adapter_names): each row matches running that row alone with its adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+import deltatune
+from deltatune.methods.lora.mixed_batch import BASE
+
+ADAPTERS = {"a": dict(r=4, lora_alpha=8), "b": dict(r=8, lora_alpha=4), "c": dict(r=2, lora_alpha=2)}
+
+
+def perturbed(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+
+
+def mixed_model() -> deltatune.PeftModel:
+    model = None
+    for i, (name, kwargs) in enumerate(ADAPTERS.items()):
+        targets = ["q_proj", "v_proj"] if name != "c" else ["down_proj"]  # c adapts other layers than a and b
+        config = deltatune.LoraConfig(task_type="CAUSAL_LM", target_modules=targets, **kwargs)
+        if model is None:
+            model = deltatune.get_peft_model(tiny_llama(), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+        perturbed(model, seed=i)  # reseeds B of every adapter; differing seeds keep adapters distinct
+    return model.eval()
+
+
+def alone(model: deltatune.PeftModel, name: str, fn):
+    if name == BASE:
+        with model.disable_adapter():
+            return fn()
+    model.set_adapter(name)
+    return fn()
+
+
+ROWS = ["a", BASE, "b", "c", "a", "b"]
+
+
+def test_rows_match_single_adapter_runs():
+    model = mixed_model()
+    ids = torch.randint(1, 128, (len(ROWS), 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=ROWS).logits
+        for i, name in enumerate(ROWS):
+            expected = alone(model, name, lambda i=i: model(input_ids=ids[i:i + 1]).logits)
+            torch.testing.assert_close(mixed[i:i + 1], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[1])  # the adapters do change the output
+
+
+def test_stacks_are_cached_and_rebuilt_after_weights_change():
+    model = mixed_model()
+    ids = torch.randint(1, 128, (3, 5))
+    with torch.no_grad():
+        model(ids, adapter_names=["a", "b", BASE])
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        first = layer._mixed_cache[1][0]
+        model(ids, adapter_names=["a", "b", BASE])
+        assert layer._mixed_cache[1][0] is first
+        layer.lora_B["a"].weight.mul_(2)  # an in-place update (an optimizer step) bumps the version
+        out = model(ids, adapter_names=["a", "b", BASE]).logits
+        assert layer._mixed_cache[1][0] is not first
+        model.set_adapter("a")
+        torch.testing.assert_close(out[:1], model(ids[:1]).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_each_rows_adapter():
+    model = mixed_model()
+    ids = torch.randint(1, 128, (2, 5))
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    model(ids, adapter_names=["a", BASE]).logits.sum().backward()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_B["a"].weight.grad.abs().sum() > 0
+    assert layer.lora_B["b"].weight.grad is None or layer.lora_B["b"].weight.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_rows_match_single_adapter_runs(num_beams):
+    model = mixed_model()
+    rows = ["b", "a", BASE, "c"]
+    ids = torch.randint(1, 128, (len(rows), 5), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams, pad_token_id=0)
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=rows, **kwargs)
+        for i, name in enumerate(rows):
+            row = ids[i:i + 1]
+            expected = alone(model, name, lambda row=row: model.generate(
+                input_ids=row, attention_mask=torch.ones_like(row), **kwargs))
+            assert torch.equal(mixed[i:i + 1, :expected.shape[1]], expected), name
+
+
+def test_generate_with_several_return_sequences_repeats_the_rows():
+    model = mixed_model()
+    ids = torch.randint(1, 128, (2, 5))
+    out = model.generate(input_ids=ids, adapter_names=["a", "b"], max_new_tokens=3, do_sample=True,
+                         num_return_sequences=3, pad_token_id=0)
+    assert out.shape[0] == 6
+
+
+def test_unknown_adapter_lists_the_loaded_ones():
+    model = mixed_model()
+    with pytest.raises(ValueError, match=r"Unknown adapter\(s\) \['nope'\].*\['a', 'b', 'c'\]"):
+        model(torch.randint(1, 128, (2, 5)), adapter_names=["a", "nope"])
+
+
+def test_wrong_number_of_names():
+    model = mixed_model()
+    with pytest.raises(ValueError, match="got 1 name.*batch of 2"):
+        model(torch.randint(1, 128, (2, 5)), adapter_names=["a"])
+    with pytest.raises(ValueError, match="got 3 name.*batch of 2"):
+        model.generate(input_ids=torch.randint(1, 128, (2, 5)), adapter_names=["a", "b", "c"], max_new_tokens=2)
+
+
+def test_dora_and_other_methods_are_refused_by_name():
+    model = mixed_model()
+    model.add_adapter("d", deltatune.LoraConfig(target_modules=["q_proj"], use_dora=True))
+    model.add_adapter("ia3", deltatune.IA3Config(target_modules=["k_proj"], feedforward_modules=[]))
+    ids = torch.randint(1, 128, (2, 5))
+    with pytest.raises(ValueError, match="'d' uses DoRA"):
+        model(ids, adapter_names=["a", "d"])
+    with pytest.raises(ValueError, match="'ia3' is a IA3 adapter"):
+        model(ids, adapter_names=["ia3", "a"])
+    model(ids, adapter_names=["a", BASE])  # the others still work beside them
+
+
+def test_merged_adapters_are_refused():
+    model = mixed_model()
+    model.merge_adapter(["a"])
+    with pytest.raises(ValueError, match="unmerged"):
+        model(torch.randint(1, 128, (2, 5)), adapter_names=["a", "b"])
+
+
+def test_embedding_targets_are_refused():
+    model = mixed_model()
+    model.add_adapter("e", deltatune.LoraConfig(target_modules=["embed_tokens"]))
+    with pytest.raises(ValueError, match=r"\['e'\].*Embedding"):
+        model(torch.randint(1, 128, (2, 5)), adapter_names=["e", "a"])
+
+
+def test_layers_forget_the_rows_after_the_call():
+    model = mixed_model()
+    ids = torch.randint(1, 128, (2, 5))
+    with pytest.raises(ValueError):
+        model(ids, adapter_names=["a", "nope"])
+    model(ids, adapter_names=["a", "b"])
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.mixed_rows is None
+
+
+def test_an_active_adapter_of_another_method_does_not_leak_into_the_rows():
+    model = mixed_model()
+    model.add_adapter("ia3", deltatune.IA3Config(target_modules=["k_proj"], feedforward_modules=[]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ia3_l" in name:
+                param.fill_(3.0)
+    ids = torch.randint(1, 128, (2, 5))
+    with torch.no_grad():
+        expected = model(ids, adapter_names=["a", BASE]).logits
+        model.set_adapter("ia3")
+        torch.testing.assert_close(model(ids, adapter_names=["a", BASE]).logits, expected)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(ids[1:]).logits, expected[1:], atol=1e-5, rtol=1e-5)
