@@ -7,6 +7,7 @@ checkpoint key mapping, deleting an adapter) reads those declarations, never par
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -138,3 +139,15 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer):
             yield name, module
+
+
+def check_fan_in_fan_out(target: nn.Module, fan_in_fan_out: bool, module_name: str) -> None:
+    """Warn when the config's weight layout disagrees with the layer's: the layer's own layout is used."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(target, Conv1D) != fan_in_fan_out:
+        warnings.warn(
+            f"{module_name}: fan_in_fan_out={fan_in_fan_out} does not fit a {type(target).__name__} layer; "
+            "using the layer's own weight layout.",
+            stacklevel=4,
+        )

@@ -8,13 +8,12 @@ into the base weight (and, for output scaling, the bias), so it replaces the add
 from __future__ import annotations
 
 import re
-import warnings
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from deltatune.layers import AdapterLayer, adapter_dtype
+from deltatune.layers import AdapterLayer, adapter_dtype, check_fan_in_fan_out
 from deltatune.methods.ia3.config import IA3Config
 from deltatune.quantized import quantized_ia3_layer
 
@@ -177,12 +176,7 @@ def create_ia3_layer(target: nn.Module, adapter_name: str, config: IA3Config, mo
     elif (quantized := quantized_ia3_layer(target)) is not None:  # before nn.Linear: quantized layers subclass it
         layer = quantized
     elif isinstance(target, nn.Linear | Conv1D):
-        if isinstance(target, Conv1D) != config.fan_in_fan_out:
-            warnings.warn(
-                f"{module_name}: fan_in_fan_out={config.fan_in_fan_out} does not fit a "
-                f"{type(target).__name__} layer; using the layer's own weight layout.",
-                stacklevel=3,
-            )
+        check_fan_in_fan_out(target, config.fan_in_fan_out, module_name)
         layer = IA3Linear(target)
     elif isinstance(target, nn.Conv2d | nn.Conv3d):
         layer = IA3Conv(target)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from deltatune.layers import AdapterLayer, adapter_dtype
+from deltatune.layers import AdapterLayer, adapter_dtype, check_fan_in_fan_out
 from deltatune.methods.lora.config import LoraConfig
 from deltatune.methods.lora.dora import DoraConv, DoraEmbedding, DoraLinear, LoraVariant
 from deltatune.methods.lora.init import init_from_base_weight, mutates_base
@@ -237,12 +236,7 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
     elif (quantized := quantized_lora_layer(target)) is not None:  # before nn.Linear: quantized layers subclass it
         layer = quantized
     elif isinstance(target, nn.Linear | Conv1D):
-        if isinstance(target, Conv1D) != config.fan_in_fan_out:
-            warnings.warn(
-                f"{module_name}: fan_in_fan_out={config.fan_in_fan_out} does not fit a "
-                f"{type(target).__name__} layer; using the layer's own weight layout.",
-                stacklevel=3,
-            )
+        check_fan_in_fan_out(target, config.fan_in_fan_out, module_name)
         layer = LoraLinear(target)
     elif isinstance(target, nn.Embedding):
         layer = LoraEmbedding(target)
