@@ -14,7 +14,7 @@ the weights are in it, and exact tensor bytes; CUDA: peak `torch.cuda.max_memory
 `weights MB` is
 `deltatune.quantized.loading.model_memory_bytes` of the base model (parameters, buffers and quantization state).
 
-    .venv/bin/python bench/quantized_step.py [--steps 4 --warmup 1 --batch 2 --seq 64 --threads 2 --json]
+    .venv/bin/python bench/quantized_step.py [--steps 6 --warmup 2 --batch 2 --seq 64 --threads 1 --json]
     bench/gpu_quantized.sh     # the same table on a CUDA GPU (bfloat16, larger batch)
 """
 
@@ -115,11 +115,12 @@ def main() -> None:
                         help="a model folder, Hub id or embedded model name (default: the embedded SmolLM2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--steps", type=int, default=4, help="measured rounds (one step of each configuration)")
-    parser.add_argument("--warmup", type=int, default=1, help="rounds dropped before measuring")
+    parser.add_argument("--steps", type=int, default=6, help="measured rounds (one step of each configuration)")
+    parser.add_argument("--warmup", type=int, default=2, help="rounds dropped before measuring")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every process")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads in every process (1: stable on a shared machine)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing on the quantized bases (prepare_model_for_kbit_training)")
     parser.add_argument("--json", nargs="?", const=str(common.default_json_path("quantized_step")),
