@@ -178,3 +178,14 @@ def test_the_trained_lora_adapter_loads_in_peft(tiny_model, train_file, tmp_path
     ids = torch.tensor([[3, 4, 5, 6, 7]])
     with torch.no_grad():
         assert torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize", ["8bit"])  # 4-bit needs wider layers than this tiny model (tests/quantized)
+def test_qlora_run_trains_an_adapter_that_loads_on_the_full_precision_base(quantize, tiny_model, train_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    assert _train_cli(tiny_model, train_file, tmp_path, "--quantize", quantize, "--r", "4") == 0
+    trained = adapter_tensors(tmp_path / "adapter")
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in trained.items())
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "adapter")
+    assert sum(p.numel() for p in model.parameters()) > 0

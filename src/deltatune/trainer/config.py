@@ -65,6 +65,9 @@ class TrainConfig:
     weight_decay: float = setting(0.0, "AdamW weight decay (not applied to biases and norms)")
     max_grad_norm: float | None = setting(1.0, "clip the gradient norm to this (none: no clipping)")
     mixed_precision: str = setting("no", "no, bf16 or fp16 (fp16 needs a GPU)")
+    quantize: str | None = setting(
+        None, "load the frozen base quantized (QLoRA): 8bit, 4bit/nf4, fp4, torchao-int8 or torchao-nf4"
+    )
     seed: int = setting(42, "seed of the initialisation, data order and dropout")
     # --- evaluation --------------------------------------------------------------------------------------
     eval_steps: int | None = setting(None, "evaluate every this many steps (always before and after training)")

@@ -35,16 +35,30 @@ def task_type(label_names: list[str] | None) -> str:
     return "SEQ_CLS" if label_names else "CAUSAL_LM"
 
 
-def load_base_model(path: str, label_names: list[str] | None = None, pad_token_id: int | None = None) -> nn.Module:
-    """The model in float32 (mixed precision autocasts from there): a causal LM, or a classifier over labels."""
+def load_base_model(path: str, label_names: list[str] | None = None, pad_token_id: int | None = None,
+                    quantize: str | None = None) -> nn.Module:
+    """The model in float32 (mixed precision autocasts from there): a causal LM, or a classifier over labels.
+
+    With `quantize`, the frozen weights are loaded quantized (the memory with and without is reported).
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from deltatune.quantized.loading import load_base_model as load_quantized
+
+    kwargs = {"dtype": torch.float32}
+    if label_names:
+        kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                      label2id={n: i for i, n in enumerate(label_names)})
+    model_class = AutoModelForSequenceClassification if label_names else AutoModelForCausalLM
+    if quantize and quantize != "none":
+        from deltatune.quantized.training import prepare_model_for_kbit_training
+
+        model = load_quantized(path, quantize, model_class=model_class, **kwargs)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = model_class.from_pretrained(path, **kwargs)
     if not label_names:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=torch.float32, num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
-    )
+        return model
     if pad_token_id is not None:  # the classifier reads the last non-pad token of each row
         model.config.pad_token_id = pad_token_id
     return model

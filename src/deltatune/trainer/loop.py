@@ -67,7 +67,7 @@ def has_accelerator() -> bool:
 
 
 def build_model(config: TrainConfig, path: str, data: RunData, tokenizer) -> nn.Module:
-    model = load_base_model(path, data.label_names, tokenizer.pad_token_id)
+    model = load_base_model(path, data.label_names, tokenizer.pad_token_id, quantize=config.quantize)
     peft_config = build_peft_config(config, task_type(data.label_names), path)
     if peft_config is None:  # full fine-tuning
         return model.requires_grad_(True)
