@@ -1,4 +1,4 @@
-"""DoRA training-step benchmark: deltatune vs peft, on CPU.
+"""DoRA training-step benchmark: deltatune vs peft, on CPU (or --device cuda, timing only).
 
 Model: common.tiny_llama (Llama, hidden 512, intermediate 1376, 4 layers, 8 heads, vocab 8000), float32, random
 weights. Both libraries: LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=True); forward
@@ -20,6 +20,7 @@ Memory (accum 1): each library in a fresh spawned process, common.measure_memory
 deterministic tensor accounting: params + grads + AdamW state + tensors saved for backward).
 
     .venv/bin/python bench/dora_step.py [--steps 10 --warmup 2 --batch 8 --seq 128 --accum 4 --threads 1 --json]
+    python bench/dora_step.py --device cuda --batch 16 --seq 512 --steps 20 --warmup 5   # on a GPU
 """
 
 from __future__ import annotations
@@ -55,15 +56,15 @@ def set_adapter_values(lib, model: torch.nn.Module, seed: int) -> None:
     lib.set_peft_model_state_dict(model, values)
 
 
-def micro_batches(batch: int, seq: int, accum: int, seed: int) -> list[dict[str, torch.Tensor]]:
+def micro_batches(batch: int, seq: int, accum: int, seed: int, device: str = "cpu") -> list[dict[str, torch.Tensor]]:
     inputs = common.batch_inputs(batch, seq, seed=seed)
-    return [{k: v[i::accum] for k, v in inputs.items()} for i in range(accum)]
+    return [{k: v[i::accum].to(device) for k, v in inputs.items()} for i in range(accum)]
 
 
-def build_frozen(batch: int, seq: int, accum: int, seed: int = 0) -> common.Setup:
+def build_frozen(batch: int, seq: int, accum: int, seed: int = 0, device: str = "cpu") -> common.Setup:
     """The floor: no trainable parameter, forward + backward to the input embeddings of every micro-batch."""
-    model = common.tiny_llama(seed).requires_grad_(False).train()
-    micros = micro_batches(batch, seq, accum, seed)
+    model = common.tiny_llama(seed).requires_grad_(False).train().to(device)
+    micros = micro_batches(batch, seq, accum, seed, device)
     embeds = [model.get_input_embeddings()(m["input_ids"]).detach().requires_grad_() for m in micros]
 
     def step() -> float:
@@ -78,15 +79,16 @@ def build_frozen(batch: int, seq: int, accum: int, seed: int = 0) -> common.Setu
     return common.Setup(model, step, embeds, None)
 
 
-def build(kind: str, batch: int, seq: int, accum: int, seed: int = 0) -> common.Setup:
+def build(kind: str, batch: int, seq: int, accum: int, seed: int = 0, device: str = "cpu") -> common.Setup:
     """The DoRA model of one library with its step closure: `accum` micro-batches, then one AdamW step."""
     if kind == "frozen":
-        return build_frozen(batch, seq, accum, seed)
+        return build_frozen(batch, seq, accum, seed, device)
     lib = __import__(kind)
     config = lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=True, task_type="CAUSAL_LM")
     model = lib.get_peft_model(common.tiny_llama(seed), config).train()
     set_adapter_values(lib, model, seed)
-    micros = micro_batches(batch, seq, accum, seed)
+    model.to(device)
+    micros = micro_batches(batch, seq, accum, seed, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
 
@@ -105,7 +107,7 @@ def build(kind: str, batch: int, seq: int, accum: int, seed: int = 0) -> common.
 
 def time_all(args: argparse.Namespace, accum: int) -> tuple[dict[str, dict[str, list[float]]], float]:
     """Step times ({clock: {kind: [...]}}) and the largest loss gap between the two libraries."""
-    setups = {kind: build(kind, args.batch, args.seq, accum) for kind in KINDS}
+    setups = {kind: build(kind, args.batch, args.seq, accum, device=args.device) for kind in KINDS}
     losses: dict[str, list[float]] = {kind: [] for kind in KINDS}
 
     def stepper(kind: str):
@@ -125,6 +127,7 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=4, help="micro-batches per step in the accumulation run")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads in every process (1: stable on a shared machine)")
+    parser.add_argument("--device", default="cpu", help="e.g. cuda (implies --no-memory: the memory columns are CPU's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurement")
     parser.add_argument("--json", nargs="?", const=str(common.default_json_path("dora_step")),
                         help=f"write results as JSON (default path: {common.RESULTS}/dora_step-<time>.json)")
@@ -135,7 +138,7 @@ def main() -> None:
 
     load = [os.getloadavg()[0]]
     memory = {}
-    if not args.no_memory:
+    if not args.no_memory and args.device == "cpu":
         for name in LIBS:
             builder = functools.partial(build, batch=args.batch, seq=args.seq, accum=1)
             memory[name] = common.in_fresh_process(common.measure_memory, builder, name, args.threads)
@@ -144,7 +147,7 @@ def main() -> None:
         runs[accum] = time_all(args, accum)
     load.append(os.getloadavg()[0])
 
-    print(f"DoRA r=16 all-linear, Llama 4x512, batch {args.batch} x seq {args.seq}, float32, CPU, "
+    print(f"DoRA r=16 all-linear, Llama 4x512, batch {args.batch} x seq {args.seq}, float32, {args.device}, "
           f"{args.threads} thread(s), torch {torch.__version__}; medians of {args.steps} steps")
     print(f"{'accum':>5} {'config':<10} {'wall ms':>9} {'cpu ms':>9} {'min ms':>9}")
     ratios = {}

@@ -1,4 +1,4 @@
-"""Mixed-adapter batch benchmark (forward, adapter_names): deltatune vs peft, on CPU.
+"""Mixed-adapter batch benchmark (forward, adapter_names): deltatune vs peft, on CPU (or --device cuda).
 
 Model: common.tiny_llama (hidden 512, intermediate 1376, 4 layers, vocab 8000), float32, random weights, eval
 mode, no_grad. Eight LoRA adapters (r=16, lora_alpha=32, all-linear) with the same random values in both
@@ -15,6 +15,7 @@ model's matmuls dominate a forward, so whole-forward ratios between the librarie
 adapter path costs; the overhead ratio is where a per-adapter loop shows.
 
     .venv/bin/python bench/mixed_batch.py [--batch 32 --seq 64 --steps 5 --warmup 2 --threads 2 --json]
+    python bench/mixed_batch.py --device cuda --batch 32 --seq 256 --steps 20 --warmup 5   # on a GPU
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="e.g. cuda: every step ends with a device synchronize")
     parser.add_argument("--json", nargs="?", const="", default=None, help="write results (default path if empty)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,13 +67,16 @@ def main() -> None:
 
     import deltatune
 
-    ours, theirs = build(deltatune), build(peft)
-    ids = common.batch_inputs(args.batch, args.seq)["input_ids"]
+    ours, theirs = build(deltatune).to(args.device), build(peft).to(args.device)
+    ids = common.batch_inputs(args.batch, args.seq)["input_ids"].to(args.device)
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
 
     def run(model, names=None):
         def step():
             with torch.no_grad():
-                return model(input_ids=ids, **({} if names is None else {"adapter_names": names})).logits
+                logits = model(input_ids=ids, **({} if names is None else {"adapter_names": names})).logits
+            sync()
+            return logits
         return step
 
     def bare():
@@ -86,7 +91,7 @@ def main() -> None:
     times = common.time_interleaved(steps, args.warmup, args.steps)["wall"]
     tokens = args.batch * args.seq
     tps = {key: tokens / statistics.median(values) for key, values in times.items()}
-    print(f"batch {args.batch} x seq {args.seq}, threads {args.threads}, {args.steps} timed rounds")
+    print(f"batch {args.batch} x seq {args.seq}, {args.device}, threads {args.threads}, {args.steps} timed rounds")
     base = statistics.median(times["base"])
     print(f"{'config':<8} {'tokens/s':>10} {'vs single':>10} {'vs peft':>8} {'overhead ms':>12} {'peft/ours':>10}")
     results = {}

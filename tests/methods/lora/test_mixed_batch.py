@@ -64,6 +64,8 @@ def test_stacks_are_cached_and_rebuilt_after_weights_change():
         first = layer._mixed_cache[1][0]
         model(ids, adapter_names=["a", "b", BASE])
         assert layer._mixed_cache[1][0] is first
+        model(ids, adapter_names=["c", BASE, "c"])  # another mix of the loaded adapters: same stacks
+        assert layer._mixed_cache[1][0] is first
         layer.lora_B["a"].weight.mul_(2)  # an in-place update (an optimizer step) bumps the version
         out = model(ids, adapter_names=["a", "b", BASE]).logits
         assert layer._mixed_cache[1][0] is not first

@@ -1,16 +1,18 @@
 """Mixed-adapter batches: one LoRA adapter per row (or the bare model, `BASE`) in a single forward.
 
-Each LoRA Linear layer stacks the factors of the adapters in the batch, zero-padded to the largest rank, with
-the scaling folded into B; the bare model is the all-zero entry 0. A forward then gathers every row's A and B
-and applies them with two batched matmuls, so the cost does not grow with the number of distinct adapters and
-there is no Python loop over sub-batches. The stacks are cached per layer, keyed on the adapters' names and the
-storage and version counter (`_version`) of each factor, so they are rebuilt after an optimizer step, a load or
-a hot-swap, and reused by every step of a generate() call. With gradients enabled they are built afresh each
-call (so gradients reach the factors) and not cached.
+Each LoRA Linear layer stacks the factors of all its loaded adapters, zero-padded to the largest rank, with the
+scaling folded into B; the bare model is the all-zero entry 0. A forward then gathers every row's A and B and
+applies them with two batched matmuls, so the cost does not grow with the number of distinct adapters and
+there is no Python loop over sub-batches. Stacking every loaded adapter (not only the batch's) means any mix of
+adapters in the next request reuses the same stacks, as a serving loop needs; the price is one padded copy of
+the adapters' factors per layer, and the largest loaded rank sets the matmul size for every row. The stacks are
+cached per layer, keyed on the storage and version counter (`_version`) of each factor, so they are rebuilt
+after an optimizer step, a load or a hot-swap. With gradients enabled they are built afresh each call from the
+batch's adapters only (so gradients reach exactly those factors) and not cached.
 
-The rows reach the layers through `mixed_rows` on each LoRA layer, set for the duration of one call by
-`mixed_adapter_rows` (no patching of transformers); a layer whose `mixed_rows` is set skips its active-adapter
-path.
+The rows reach the layers through `mixed_rows` on each LoRA layer (the batch's adapter names and each row's
+index into that layer's stack), set for the duration of one call by `mixed_adapter_rows` (no patching of
+transformers); a layer whose `mixed_rows` is set skips its active-adapter path.
 """
 
 from __future__ import annotations
@@ -55,11 +57,15 @@ def mixed_adapter_rows(peft_model: PeftModel, adapter_names: Sequence[str], batc
         if dropped:
             raise ValueError(f"Mixed-adapter batches do not apply dropout; adapter(s) {dropped} use it in "
                              "training mode. Call model.eval() or use adapters without lora_dropout.")
-    index = {name: i + 1 for i, name in enumerate(names)}
-    rows = torch.tensor([index.get(name, 0) for name in adapter_names]).repeat_interleave(repeat)
+    rows_by_slots: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
     lora_layers = [layer for layer in layers if isinstance(layer, LoraLinear)]
     for layer in lora_layers:
-        layer.mixed_rows = (tuple(names), rows.to(layer.base_layer.weight.device))
+        slots, device = tuple(layer.lora_A), layer.base_layer.weight.device
+        if (slots, device) not in rows_by_slots:  # layers with the same adapters share one index tensor
+            index = {name: i + 1 for i, name in enumerate(slots)}
+            rows = torch.tensor([index.get(name, 0) for name in adapter_names]).repeat_interleave(repeat)
+            rows_by_slots[slots, device] = rows.to(device)
+        layer.mixed_rows = (tuple(names), rows_by_slots[slots, device])
     # Everything else (other methods' layers, modules_to_save copies) runs as the bare model for every row;
     # LoRA Linear layers take the mixed path before they look at the flag.
     injection.set_disabled(model, True)
@@ -115,22 +121,25 @@ def generation_expansion(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:
 
 
 def stacked_factors(layer: LoraLinear, names: tuple[str, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """(A, B): (n + 1, R, in) and (n + 1, out, R), entry 0 zeros (the bare model), B scaled, ranks zero-padded.
+    """(A, B): (n + 1, R, in) and (n + 1, out, R) over the layer's n adapters in `layer.lora_A` order, entry 0
+    zeros (the bare model), B scaled, ranks zero-padded to the largest.
 
-    An adapter that does not adapt this layer is a zero entry too."""
+    Without gradients every adapter is stacked (cached); with them, adapters outside `names` are zero entries,
+    so that only the batch's factors receive gradients."""
+    grad = torch.is_grad_enabled() and any(
+        p.requires_grad for n in names if n in layer.lora_A for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
     factors = [(i + 1, layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n])
-               for i, n in enumerate(names) if n in layer.lora_A]
-    key = (names, dtype, tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, _scalar_key(s))
-                               for _, a, b, s in factors))
-    grad = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for _, a, b, _ in factors)
+               for i, n in enumerate(layer.lora_A) if not grad or n in names]
+    key = (dtype, tuple((i, a.data_ptr(), a._version, b.data_ptr(), b._version, _scalar_key(s))
+                        for i, a, b, s in factors))
     cached = layer.__dict__.get("_mixed_cache")
     if not grad and cached is not None and cached[0] == key:
         return cached[1]
-    rank = max((a.shape[0] for _, a, _, _ in factors), default=1)
+    rank = max((layer.lora_A[n].weight.shape[0] for n in layer.lora_A), default=1)
     weight = layer.base_layer.weight
     zero_a = torch.zeros(rank, layer.in_features, dtype=dtype, device=weight.device)
     zero_b = torch.zeros(layer.out_features, rank, dtype=dtype, device=weight.device)
-    parts_a, parts_b = [zero_a] * (len(names) + 1), [zero_b] * (len(names) + 1)
+    parts_a, parts_b = [zero_a] * (len(layer.lora_A) + 1), [zero_b] * (len(layer.lora_A) + 1)
     with torch.set_grad_enabled(grad):
         for i, a, b, s in factors:
             pad = rank - a.shape[0]
