@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.checkpoint import adapter_parameter_map
 from deltatune.config import PeftConfig
-from deltatune.layers import AdapterLayer, adapter_layers
+from deltatune.layers import AdapterLayer, adapter_layers, modules_of_type
 from deltatune.modules_to_save import ModulesToSaveWrapper
 from deltatune.quantized import warn_requantization
 from deltatune.registry import Method, get_method
@@ -259,9 +259,7 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
 
 
 def wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-    for name, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            yield name, module
+    return modules_of_type(model, ModulesToSaveWrapper)
 
 
 def set_active_adapters(model: nn.Module, adapter_names: list[str]) -> None:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class AdapterLayer(nn.Module):
@@ -135,10 +138,28 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
+def modules_of_type(model: nn.Module, kind: type[M]) -> Iterator[tuple[str, M]]:
+    """(name, module) of every `kind` in `model`, in named_modules() order, without descending into adapter
+    layers (adapters never nest). Their adapter containers hold most of a model's modules, so this is what
+    keeps per-call walks (mixed-adapter batches, disable_adapter) cheap beside named_modules()."""
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, kind):
             yield name, module
+        if isinstance(module, AdapterLayer):
+            continue
+        children = module._modules.items()
+        stack.extend((f"{name}.{child_name}" if name else child_name, child)
+                     for child_name, child in reversed(children) if child is not None)
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    return modules_of_type(model, AdapterLayer)
 
 
 def check_fan_in_fan_out(target: nn.Module, fan_in_fan_out: bool, module_name: str) -> None:

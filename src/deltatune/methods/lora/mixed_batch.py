@@ -126,20 +126,22 @@ def stacked_factors(layer: LoraLinear, names: tuple[str, ...], dtype: torch.dtyp
 
     Without gradients every adapter is stacked (cached); with them, adapters outside `names` are zero entries,
     so that only the batch's factors receive gradients."""
+    # Runs per layer and call, so it reads the containers' dicts directly rather than through Module.__getattr__.
+    mods_a, mods_b, scaling = layer.lora_A._modules, layer.lora_B._modules, layer.scaling
     grad = torch.is_grad_enabled() and any(
-        p.requires_grad for n in names if n in layer.lora_A for p in (layer.lora_A[n].weight, layer.lora_B[n].weight))
-    factors = [(i + 1, layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n])
-               for i, n in enumerate(layer.lora_A) if not grad or n in names]
+        p.requires_grad for n in names if n in mods_a for p in (mods_a[n].weight, mods_b[n].weight))
+    factors = [(i + 1, mod._parameters["weight"], mods_b[n]._parameters["weight"], scaling[n])
+               for i, (n, mod) in enumerate(mods_a.items()) if not grad or n in names]
     key = (dtype, tuple((i, a.data_ptr(), a._version, b.data_ptr(), b._version, _scalar_key(s))
                         for i, a, b, s in factors))
     cached = layer.__dict__.get("_mixed_cache")
     if not grad and cached is not None and cached[0] == key:
         return cached[1]
-    rank = max((layer.lora_A[n].weight.shape[0] for n in layer.lora_A), default=1)
+    rank = max((mod.weight.shape[0] for mod in mods_a.values()), default=1)
     weight = layer.base_layer.weight
     zero_a = torch.zeros(rank, layer.in_features, dtype=dtype, device=weight.device)
     zero_b = torch.zeros(layer.out_features, rank, dtype=dtype, device=weight.device)
-    parts_a, parts_b = [zero_a] * (len(layer.lora_A) + 1), [zero_b] * (len(layer.lora_A) + 1)
+    parts_a, parts_b = [zero_a] * (len(mods_a) + 1), [zero_b] * (len(mods_a) + 1)
     with torch.set_grad_enabled(grad):
         for i, a, b, s in factors:
             pad = rank - a.shape[0]
