@@ -52,6 +52,8 @@ def test_each_method_trains_from_its_example_file(method, tiny_model, train_file
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["eval_before"]["eval_loss"] > 0 and "exact_match" in summary["eval_after"]
     assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary["base_weights_bytes"] == summary["base_weights_full_precision_bytes"] > 0
+    assert "(not quantized)" in out
     # The adapter loads back on the base model and changes nothing about the files' meaning.
     from transformers import AutoModelForCausalLM
 
@@ -181,10 +183,15 @@ def test_the_trained_lora_adapter_loads_in_peft(tiny_model, train_file, tmp_path
 
 
 @pytest.mark.parametrize("quantize", ["8bit"])  # 4-bit needs wider layers than this tiny model (tests/quantized)
-def test_qlora_run_trains_an_adapter_that_loads_on_the_full_precision_base(quantize, tiny_model, train_file, tmp_path):
+def test_qlora_run_trains_an_adapter_that_loads_on_the_full_precision_base(quantize, tiny_model, train_file, tmp_path,
+                                                                          capsys):
     from transformers import AutoModelForCausalLM
 
     assert _train_cli(tiny_model, train_file, tmp_path, "--quantize", quantize, "--r", "4") == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # Only the linear layers are quantized (embeddings, norms and the head stay float32): well under 4x smaller.
+    assert 1.2 < summary["base_weights_full_precision_bytes"] / summary["base_weights_bytes"] < 4
+    assert f"quantized {quantize}" in capsys.readouterr().out
     trained = adapter_tensors(tmp_path / "adapter")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in trained.items())
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "adapter")

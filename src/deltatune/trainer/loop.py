@@ -66,13 +66,17 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
 
 
-def build_model(config: TrainConfig, path: str, data: RunData, tokenizer) -> nn.Module:
+def build_model(config: TrainConfig, path: str, data: RunData, tokenizer) -> tuple[nn.Module, dict[str, int]]:
+    """The model to train, and the base model's weight bytes as loaded and as they would be unquantized."""
+    from deltatune.quantized.loading import model_memory_bytes
+
     model = load_base_model(path, data.label_names, tokenizer.pad_token_id, quantize=config.quantize)
+    weights = {"loaded": model_memory_bytes(model), "full_precision": model_memory_bytes(model, full_precision=True)}
     peft_config = build_peft_config(config, task_type(data.label_names), path)
     if peft_config is None:  # full fine-tuning
-        return model.requires_grad_(True)
+        return model.requires_grad_(True), weights
     try:
-        return get_peft_model(model, peft_config)
+        return get_peft_model(model, peft_config), weights
     except ValueError as err:  # the method does not fit this model (no target modules, no KV cache, ...)
         raise ConfigError(f"Cannot apply method {config.method!r} to {config.model}: {err}") from err
 
@@ -142,6 +146,7 @@ class Run:
     start_step: int
     resumed_from: str | None
     log: report.MetricsLog
+    base_weights: dict[str, int]  # bytes of the base model's weights: "loaded" and "full_precision"
 
     @property
     def main(self) -> bool:
@@ -189,7 +194,7 @@ def _start(config: TrainConfig) -> Run:
     path = model_folder(config.model)
     tokenizer = load_tokenizer(path)
     data = load_run_data(config, tokenizer)
-    model = build_model(config, path, data, tokenizer)
+    model, base_weights = build_model(config, path, data, tokenizer)
     order = DataOrder(len(data.train), config.batch_size, config.gradient_accumulation_steps,
                       accelerator.num_processes, config.seed)
     total_steps = config.max_steps or config.epochs * order.steps_per_epoch
@@ -197,7 +202,7 @@ def _start(config: TrainConfig) -> Run:
     scheduler = make_scheduler(optimizer, config, total_steps)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     run = Run(config, accelerator, tokenizer, data, prepared, accelerator.unwrap_model(prepared), optimizer,
-              scheduler, order, total_steps, 0, resume_from, report.MetricsLog(config.output_dir))
+              scheduler, order, total_steps, 0, resume_from, report.MetricsLog(config.output_dir), base_weights)
     if resume_from:
         state = checkpoints.load_checkpoint(resume_from, accelerator, run.unwrapped, optimizer, scheduler)
         _check_resumable(state, _run_identity(config, order, total_steps), resume_from)
@@ -262,6 +267,8 @@ def _summary(run: Run, before, after, saved_to: str, wall_time: float) -> dict[s
             "total_params": sum(p.numel() for p in run.unwrapped.parameters()),
             "steps": run.total_steps, "epochs": run.total_steps / run.order.steps_per_epoch,
             "wall_time_s": wall_time, "peak_memory_bytes": memory, "peak_memory_kind": memory_kind,
+            "quantize": run.config.quantize, "base_weights_bytes": run.base_weights["loaded"],
+            "base_weights_full_precision_bytes": run.base_weights["full_precision"],
             "processes": run.accelerator.num_processes, "eval_before": before, "eval_after": after,
             "saved_to": saved_to, "notes": run.data.notes}
 

@@ -82,6 +82,15 @@ def _number(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _base_weights(summary: dict[str, Any]) -> str:
+    """The base model's weights as loaded, and with quantization what they would take unquantized."""
+    loaded, full = summary["base_weights_bytes"], summary["base_weights_full_precision_bytes"]
+    if not summary.get("quantize") or summary["quantize"] == "none":
+        return f"{loaded / 2**20:,.1f} MiB (not quantized)"
+    return (f"{loaded / 2**20:,.1f} MiB quantized {summary['quantize']}, {full / 2**20:,.1f} MiB without "
+            f"({full / max(loaded, 1):.2f}x)")
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     trainable, total = summary["trainable_params"], summary["total_params"]
     memory, what = summary["peak_memory_bytes"], summary["peak_memory_kind"]
@@ -90,6 +99,7 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("trainable params", f"{trainable:,} of {total:,} ({100 * trainable / total:.4f}%)"),
         ("steps", f"{summary['steps']} ({summary['epochs']:.2f} epochs)"),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        ("base weights", _base_weights(summary)),
         ("peak memory", f"{memory / 2**20:,.0f} MiB ({what})"),
     ]
     before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
