@@ -105,8 +105,8 @@ def test_user_errors_are_one_line_with_status_2(tiny_model, tmp_path, capsys):  
     assert err.startswith("deltatune: error:") and "missing.jsonl" in err and "Traceback" not in err
     assert main(["train", "--data", "x.jsonl"]) == 2
     assert "model is required" in capsys.readouterr().err
-    assert main(["train", "--model", tiny_model, "--data", "x.jsonl", "--method", "dora"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert main(["train", "--model", tiny_model, "--data", "x.jsonl", "--method", "dorra"]) == 2
+    assert "Unknown method 'dorra'" in capsys.readouterr().err
 
 
 def test_console_script_is_declared():

@@ -8,6 +8,7 @@ import pytest
 
 from deltatune.cli import build_parser
 from deltatune.trainer.config import ConfigError, TrainConfig, coerce, load_config, overrides_from_args
+from deltatune.trainer.methods import METHODS
 
 
 def _config_from_cli(argv: list[str]) -> TrainConfig:
@@ -75,7 +76,7 @@ def test_wrong_types_are_named(name, value, message):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"method": "dora"}, "not available yet"),
+    ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio must be positive"),
     ({"method": "lorra"}, "Unknown method 'lorra'"),
     ({"lr_scheduler": "step"}, "lr_scheduler must be one of"),
     ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
@@ -91,6 +92,8 @@ def test_invalid_settings(overrides, message):
 def test_a_setting_the_method_ignores_warns():
     with pytest.warns(UserWarning, match="does not use r"):
         load_config(None, {"model": "m", "data": "d", "method": "ia3", "r": 4})
+    with pytest.warns(UserWarning, match="does not use loraplus_lr_ratio"):
+        load_config(None, {"model": "m", "data": "d", "method": "prefix", "loraplus_lr_ratio": 16})
 
 
 def test_examples_load(tmp_path):
@@ -100,4 +103,4 @@ def test_examples_load(tmp_path):
     root = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
     files = sorted(glob.glob(os.path.join(root, "*.yaml")))
     methods = {load_config(path).method for path in files}
-    assert methods == {"lora", "ia3", "prompt-tuning", "prefix", "p-tuning", "bottleneck", "full"}
+    assert methods == set(METHODS)  # one example file per method

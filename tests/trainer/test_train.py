@@ -28,6 +28,7 @@ def _train_cli(tiny_model, data, out, *extra, example="lora"):
 
 METHOD_FLAGS = {
     "lora": ["--r", "4"],
+    "dora": ["--r", "4", "--loraplus-lr-ratio", "16"],
     "ia3": [],
     "prompt-tuning": ["--num-virtual-tokens", "4"],
     "prefix": ["--num-virtual-tokens", "4", "--prefix-projection", "--encoder-hidden-size", "16"],
@@ -196,3 +197,32 @@ def test_qlora_run_trains_an_adapter_that_loads_on_the_full_precision_base(quant
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in trained.items())
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "adapter")
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_dora_run_saves_peft_magnitudes_and_loraplus_speeds_up_b(tiny_model, train_file, tmp_path):
+    from deltatune.trainer.loop import make_optimizer
+
+    assert _train_cli(tiny_model, train_file, tmp_path, "--r", "4", example="dora") == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    assert any("lora_magnitude_vector" in key for key in adapter_tensors(tmp_path / "adapter"))
+
+    model = PeftModel.from_pretrained(_tiny_base(tiny_model), tmp_path / "adapter", is_trainable=True)
+    run_config = load_config(os.path.join(EXAMPLES, "dora.yaml"), {"model": tiny_model, "data": train_file,
+                                                                   "loraplus_lr_ratio": 16.0})
+    optimizer = make_optimizer(model, run_config)
+    lr = run_config.learning_rate
+    b_ids = {id(p) for n, p in model.named_parameters() if ".lora_B." in n}
+    for group in optimizer.param_groups:
+        if any(id(p) in b_ids for p in group["params"]):
+            assert group["lr"] == pytest.approx(16 * lr)
+        elif group["params"] and group["lr"] != 1e-6:  # A factors (1e-6: LoRA embedding factors, none here)
+            assert group["lr"] == pytest.approx(lr)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(
+        [p for p in model.parameters() if p.requires_grad])
+
+
+def _tiny_base(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
