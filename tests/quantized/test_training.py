@@ -58,7 +58,21 @@ def test_a_tied_input_embedding_is_upcast_with_the_head(bf16_dirs):
     assert model.lm_head.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("kwargs", [None, {"use_reentrant": True}])
+def checkpoint_kwargs(model) -> dict:
+    return next(m._gradient_checkpointing_func.keywords for m in model.modules()
+                if getattr(m, "gradient_checkpointing", False))
+
+
+def test_checkpointing_is_reentrant_unless_asked_otherwise(bf16_dirs):
+    # bitsandbytes' 8-bit matmul keeps its input outside saved tensors: only reentrant checkpointing drops it.
+    default = deltatune.prepare_model_for_kbit_training(load_4bit_bf16(bf16_dirs[False]))
+    assert checkpoint_kwargs(default) == {"use_reentrant": True}
+    chosen = deltatune.prepare_model_for_kbit_training(load_4bit_bf16(bf16_dirs[False]),
+                                                       gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert checkpoint_kwargs(chosen) == {"use_reentrant": False}
+
+
+@pytest.mark.parametrize("kwargs", [None, {"use_reentrant": False}])
 def test_lora_trains_on_a_prepared_4bit_bf16_model(bf16_dirs, kwargs):
     base = deltatune.prepare_model_for_kbit_training(load_4bit_bf16(bf16_dirs[False]),
                                                      gradient_checkpointing_kwargs=kwargs)

@@ -26,9 +26,12 @@ def prepare_model_for_kbit_training(
     those to the compute dtype itself), which is where the memory is. peft upcasts the embeddings as well.
 
     With `use_gradient_checkpointing`, checkpointing is enabled through the model's own transformers method with
-    `gradient_checkpointing_kwargs` (transformers' default: `{"use_reentrant": False}`), and the input embeddings'
-    output is made to require grad, which reentrant checkpointing needs to backpropagate into frozen layers.
-    Works the same on CPU and GPU. Returns the model (changed in place), as peft's function does.
+    `gradient_checkpointing_kwargs`, by default `{"use_reentrant": True}` (what peft ends up with too), and the
+    input embeddings' output is made to require grad, which reentrant checkpointing needs to backpropagate into
+    frozen layers. Reentrant, because bitsandbytes' 8-bit matmul keeps its input on the autograd context rather
+    than in saved tensors, where non-reentrant checkpointing cannot drop it: on a GPU that raised the peak memory
+    of an 8-bit SmolLM2 step 1.5x. Works the same on CPU and GPU. Returns the model (changed in place), as peft's
+    function does.
     """
     model.requires_grad_(False)
     _upcast_for_training(model)
@@ -52,6 +55,7 @@ def _upcast_for_training(model: nn.Module) -> None:
 
 
 def _enable_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None) -> None:
+    kwargs = {"use_reentrant": True} if kwargs is None else kwargs
     enable = getattr(model, "activation_checkpointing_enable", None)  # gradient_checkpointing_enable is deprecated
     if enable is not None and hasattr(model, "enable_input_require_grads"):
         enable(activation_checkpointing_kwargs=kwargs)
