@@ -1,8 +1,9 @@
 """Checkpoint I/O: the map between live adapter parameters and peft's file keys, and safe file writing.
 
-One function, `adapter_parameter_map`, walks the live module tree and names each parameter of one adapter
-with its file key (the model key with the adapter name removed). Saving reads through it and loading
-writes through it, so the two directions cannot drift apart.
+One walk of the live module tree names each parameter of one adapter with its file key (the model key with
+the adapter name removed). Saving reads through it and loading writes through it, so the two directions
+cannot drift apart; saving takes each layer's `saved_parameters`, which differ from the live ones only where
+a layer stores them padded (LoRA prepared for hot-swapping).
 """
 
 from __future__ import annotations
@@ -38,16 +39,22 @@ def adapter_parameter_map(model: nn.Module, adapter_name: str, bias: str = "none
     Keys are relative to `model`: pass the PeftModel to get peft's `base_model.model.` prefix.
     `bias` is LoRA's bias option: "all" adds every bias of the model, "lora_only" those of adapted layers.
     """
-    out: dict[str, nn.Parameter] = {}
+    return _walk(model, adapter_name, bias, saving=False)
+
+
+def _walk(model: nn.Module, adapter_name: str, bias: str, saving: bool) -> dict[str, torch.Tensor]:
+    """adapter_parameter_map's walk; with `saving`, adapter layers give what save writes (see saved_parameters)."""
+    out: dict[str, torch.Tensor] = {}
     skip: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in skip):
             continue
         prefix = f"{name}." if name else ""
         if isinstance(module, AdapterLayer):
-            for suffix, param in module.adapter_parameters(adapter_name):
+            items = list(module.saved_parameters(adapter_name) if saving else module.adapter_parameters(adapter_name))
+            for suffix, param in items:
                 out[prefix + suffix] = param
-            if bias == "lora_only" and adapter_name in module.adapter_names:
+            if bias == "lora_only" and items:
                 base_bias = getattr(module.base_layer, "bias", None)
                 if isinstance(base_bias, nn.Parameter):
                     out[f"{prefix}base_layer.bias"] = base_bias
@@ -105,7 +112,7 @@ def _peft_embedding_base_weights(model: nn.Module, adapter_name: str) -> dict[st
     for name, module in model.named_modules():
         if (
             isinstance(module, AdapterLayer)
-            and adapter_name in module.adapter_names
+            and next(module.saved_parameters(adapter_name), None) is not None
             and name.rpartition(".")[2] in EMBEDDING_LAYER_NAMES
             and isinstance(module.base_layer, nn.Embedding | nn.Linear)
         ):
@@ -113,9 +120,10 @@ def _peft_embedding_base_weights(model: nn.Module, adapter_name: str) -> dict[st
     return out
 
 
-def _file_parameter_map(model: nn.Module, adapter_name: str, bias: str | None) -> dict[str, nn.Parameter]:
+def _file_parameter_map(model: nn.Module, adapter_name: str, bias: str | None, saving: bool = False
+                        ) -> dict[str, torch.Tensor]:
     bias = _bias_option(model, adapter_name, bias)
-    params = adapter_parameter_map(model, adapter_name, bias)
+    params = _walk(model, adapter_name, bias, saving)
     if _prompt_encoder(model, adapter_name) is None:
         return params
     # peft's prompt-learning models hold the transformers model one level higher (`base_model.<name>`).
@@ -130,7 +138,7 @@ def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default", b
     A prompt-learning adapter is saved as its final table of virtual-token vectors (`prompt_embeddings`),
     whatever encoder produced it, as peft does.
     """
-    out = {k: p.detach() for k, p in _file_parameter_map(model, adapter_name, bias).items()}
+    out = {k: p.detach() for k, p in _file_parameter_map(model, adapter_name, bias, saving=True).items()}
     if _bias_option(model, adapter_name, bias) == "all":
         out.update({k: p.detach() for k, p in _peft_wrapper_bias_copies(model, adapter_name).items()})
     out.update({k: p.detach() for k, p in _peft_embedding_base_weights(model, adapter_name).items()})

@@ -63,6 +63,12 @@ class AdapterLayer(nn.Module):
                 for name, param in item.named_parameters():
                     yield f"{container_name}.{name}", param
 
+    def saved_parameters(self, adapter_name: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """(suffix, tensor) pairs that save writes for one adapter. The live parameters, detached, unless a
+        layer holds them in another shape than the adapter's file has (LoRA factors padded for hot-swapping)."""
+        for suffix, param in self.adapter_parameters(adapter_name):
+            yield suffix, param.detach()
+
     def set_adapter(self, adapter_names: list[str]) -> None:
         self.active_adapters = [name for name in adapter_names if name in self.adapter_names]
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import peft
 import pytest
 import torch
 from conftest import tiny_llama
+from safetensors.torch import load_file
 
 import deltatune
 from deltatune import AdapterLoadError, hotswap_adapter, prepare_model_for_compiled_hotswap
@@ -101,3 +106,53 @@ def test_target_rank_below_loaded_rank_is_refused(adapters):
     model = load(adapters["large"])
     with pytest.raises(ValueError, match="target_rank=4 is smaller"):
         prepare_model_for_compiled_hotswap(model, target_rank=4)
+
+
+# --- saving a padded or hot-swapped adapter -------------------------------------------------------
+def saved_files(path) -> tuple[dict[str, torch.Tensor], dict]:
+    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    return load_file(Path(path) / "adapter_model.safetensors"), config
+
+
+def assert_same_files(saved, original) -> None:
+    (tensors, config), (want_tensors, want_config) = saved_files(saved), saved_files(original)
+    assert sorted(tensors) == sorted(want_tensors)
+    for key, tensor in want_tensors.items():
+        torch.testing.assert_close(tensors[key], tensor, rtol=0, atol=1e-6)
+    assert config == want_config
+
+
+def assert_reloads_to(path, live_logits: torch.Tensor) -> None:
+    for reloaded in (load(path), peft.PeftModel.from_pretrained(tiny_llama(), path).eval()):
+        assert (logits(reloaded) - live_logits).abs().max() < 1e-5
+
+
+def test_save_after_padding_writes_the_adapter_unpadded(adapters, tmp_path):
+    model = load(adapters["small"])
+    prepare_model_for_compiled_hotswap(model, target_rank=12)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    a = layer.lora_A["default"].weight
+    before = logits(model)
+    model.save_pretrained(tmp_path / "saved")
+    assert_same_files(tmp_path / "saved", adapters["small"])  # rank 4, alpha 8: as first saved
+    assert_reloads_to(tmp_path / "saved", before)
+    # Saving leaves the live model padded and computing the same.
+    assert layer.lora_A["default"].weight is a and a.shape[0] == 12
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("swapped_in", ["small", "subset"])
+def test_save_after_hotswap_writes_the_swapped_in_adapter(adapters, tmp_path, swapped_in):
+    model = load(adapters["large"])  # rank 8, alpha 4; "small" is rank 4, alpha 8, "subset" adapts q_proj only
+    prepare_model_for_compiled_hotswap(model)
+    hotswap_adapter(model, adapters[swapped_in])
+    before = logits(model)
+    model.save_pretrained(tmp_path / "saved")
+    assert_same_files(tmp_path / "saved", adapters[swapped_in])
+    assert_reloads_to(tmp_path / "saved", before)
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+    # The slot still takes the larger rank after the save, and saves it whole again.
+    hotswap_adapter(model, adapters["large"])
+    torch.testing.assert_close(logits(model), logits(load(adapters["large"])))
+    model.save_pretrained(tmp_path / "again")
+    assert_same_files(tmp_path / "again", adapters["large"])

@@ -6,6 +6,10 @@ its graph (dynamo guards on tensor identity and shape, not on values). Two thing
 factors change shape), so every layer is zero-padded to one declared maximum rank; and a different alpha / r
 (a Python float is baked into the graph), so each scaling becomes a 0-d tensor updated in place. Zero rows of A
 and zero columns of B add nothing, so a padded adapter computes what the unpadded one does.
+
+Each layer's `r` stays the rank of the adapter now in the slot (0 where a swapped-in adapter leaves the layer out),
+whatever the padded shape: save_pretrained cuts the factors back to it (LoraLayer.saved_parameters), so the files
+written are those of the adapter itself, loadable by peft and deltatune alike.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, target_rank: int | None
         raise ValueError("prepare_model_for_compiled_hotswap must run before torch.compile, not on the compiled "
                          "model.")
     layers = [layer for _, layer in adapter_layers(_base(model)) if isinstance(layer, LoraLayer)]
-    ranks = [layer.r[n] for layer in layers for n in layer.adapter_names]
+    ranks = [_factors(layer, n)[0].shape[0] for layer in layers for n in layer.adapter_names]
     if not ranks:
         raise ValueError("The model has no LoRA layers to prepare for hot-swapping.")
     target = max(ranks) if target_rank is None else target_rank
@@ -76,7 +80,6 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, target_rank: int | None
                 with torch.no_grad():
                     _set_factors(layer, name, torch.cat([a, a.new_zeros(pad, *a.shape[1:])]),
                                  torch.cat([b, b.new_zeros(b.shape[0], pad, *b.shape[2:])], dim=1))
-                layer.r[name] = target
             scaling = layer.scaling[name]
             if not torch.is_tensor(scaling):
                 layer.scaling[name] = torch.tensor(scaling, device=a.device)
@@ -108,7 +111,7 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike, ada
             f"{path} adapts modules that adapter {adapter_name!r} does not ({len(unknown)} keys, e.g. "
             f"{unknown[:5]}); hot-swapping cannot add LoRA layers. Load it with load_adapter instead."
         )
-    updates = _checked_updates(model, adapter_name, state_dict, path)
+    updates, ranks = _checked_updates(model, adapter_name, state_dict, path)
     with torch.no_grad():
         for param, tensor in updates:
             param.zero_()
@@ -118,6 +121,7 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike, ada
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
         scaling = lora_scaling(r, alpha, config.use_rslora)
+        layer.r[adapter_name] = ranks[name]
         layer.lora_alpha[adapter_name] = alpha
         if torch.is_tensor(layer.scaling[adapter_name]):
             layer.scaling[adapter_name].fill_(scaling)
@@ -128,11 +132,14 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike, ada
 
 
 def _checked_updates(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor], path: str
-                     ) -> list[tuple[nn.Parameter, torch.Tensor | None]]:
-    """(live parameter, new value or None for zeros) pairs, after every shape check: a refused swap writes nothing."""
+                     ) -> tuple[list[tuple[nn.Parameter, torch.Tensor | None]], dict[str, int]]:
+    """(live parameter, new value or None for zeros) pairs, after every shape check: a refused swap writes nothing.
+    Also each layer's rank in the new adapter (0 where it has no factors), which save cuts the padding back to."""
     prefix = "base_model.model."
     updates = []
+    ranks: dict[str, int] = {}
     for name, layer in _lora_layers(model, adapter_name):
+        ranks[name] = 0
         for suffix, param in layer.adapter_parameters(adapter_name):
             key = f"{prefix}{name}.{suffix}"
             tensor = state_dict.get(key)
@@ -152,5 +159,6 @@ def _checked_updates(model: nn.Module, adapter_name: str, state_dict: dict[str, 
                     f"{param.shape[rank_dim]}. Call prepare_model_for_compiled_hotswap(model, target_rank="
                     f"{tensor.shape[rank_dim]}) (or more) before torch.compile."
                 )
+            ranks[name] = max(ranks[name], tensor.shape[rank_dim])
             updates.append((param, tensor.to(device=param.device, dtype=param.dtype)))
-    return updates
+    return updates, ranks

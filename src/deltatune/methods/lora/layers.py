@@ -71,6 +71,20 @@ class LoraLayer(AdapterLayer):
         for suffix, param in super().adapter_parameters(adapter_name):
             yield ("lora_magnitude_vector" if suffix == "lora_magnitude_vector.weight" else suffix), param
 
+    def saved_parameters(self, adapter_name: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """The factors cut back to the adapter's rank `r`: hot-swapping may hold them zero-padded to a larger rank
+        (see hotswap.py), and the file must fit the config. r == 0 (a hot-swapped adapter that leaves this layer
+        out) writes nothing, as the adapter's own file has nothing for it."""
+        r = self.r.get(adapter_name)
+        if r == 0:
+            return
+        for suffix, tensor in super().saved_parameters(adapter_name):
+            if suffix.startswith(("lora_A.", "lora_embedding_A")):
+                tensor = tensor[:r]
+            elif suffix.startswith(("lora_B.", "lora_embedding_B")):
+                tensor = tensor[:, :r]
+            yield suffix, tensor
+
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         variant = self.lora_variant.get(adapter_name)
         if variant is None:
