@@ -41,12 +41,14 @@ class TrainConfig:
     skip_bad_rows: bool = setting(False, "skip malformed rows (counted and reported) instead of stopping")
     max_length: int = setting(512, "longest tokenized example; longer ones are truncated")
     # --- method ------------------------------------------------------------------------------------------
-    method: str = setting("lora", "lora, ia3, prompt-tuning, prefix, p-tuning, bottleneck or full")
+    method: str = setting("lora", "lora, dora, ia3, prompt-tuning, prefix, p-tuning, bottleneck or full")
     r: int = setting(8, "LoRA rank")
     lora_alpha: float = setting(16, "LoRA scaling numerator (scale = lora_alpha / r)")
     lora_dropout: float = setting(0.05, "dropout on the LoRA input")
     target_modules: list[str] | None = setting(
         None, "modules to adapt, comma-separated, or all-linear (default: the method's choice for the model)")
+    loraplus_lr_ratio: float | None = setting(
+        None, "lora/dora: LoRA+, the B matrices learn this many times faster than A (the paper: about 16)")
     num_virtual_tokens: int = setting(20, "virtual tokens of prompt-tuning, prefix and p-tuning")
     prompt_init_text: str | None = setting(None, "prompt-tuning: start the virtual tokens from this text")
     prefix_projection: bool = setting(False, "prefix: learn the prefix through a 2-layer MLP")
@@ -164,8 +166,9 @@ def check(config: TrainConfig) -> None:
         raise ConfigError(f"eval_split must be in [0, 1), got {config.eval_split!r}.")
     if not 0 <= config.warmup_ratio < 1 or config.warmup_steps < 0:
         raise ConfigError("warmup_steps must be >= 0 and warmup_ratio in [0, 1).")
-    if config.learning_rate <= 0:
-        raise ConfigError(f"learning_rate must be positive, got {config.learning_rate!r}.")
+    for name in ("learning_rate", "loraplus_lr_ratio"):
+        if (value := getattr(config, name)) is not None and value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value!r}.")
     _check_choice("lr_scheduler", config.lr_scheduler, SCHEDULERS)
     _check_choice("mixed_precision", config.mixed_precision, PRECISIONS)
     check_method(config)

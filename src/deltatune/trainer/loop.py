@@ -82,7 +82,14 @@ def build_model(config: TrainConfig, path: str, data: RunData, tokenizer) -> tup
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on vectors (biases, norms, prompt rows stay 2-D)."""
+    """AdamW over the trainable parameters; no weight decay on vectors (biases, norms, prompt rows stay 2-D).
+    With loraplus_lr_ratio, LoRA+'s groups instead (B at ratio x the learning rate)."""
+    if config.loraplus_lr_ratio is not None:
+        from deltatune import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=config.learning_rate,
+                                         loraplus_lr_ratio=config.loraplus_lr_ratio,
+                                         loraplus_weight_decay=config.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]

@@ -38,9 +38,13 @@ def _targets(c: TrainConfig, default: str | None = None) -> list[str] | str | No
     return "all-linear" if c.target_modules == ["all-linear"] else list(c.target_modules)
 
 
-def _lora(c: TrainConfig, task: str, _: str) -> PeftConfig:
+def _lora(c: TrainConfig, task: str, _: str, use_dora: bool = False) -> PeftConfig:
     return LoraConfig(task_type=task, r=c.r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                      target_modules=_targets(c, default="all-linear"))
+                      target_modules=_targets(c, default="all-linear"), use_dora=use_dora)
+
+
+def _dora(c: TrainConfig, task: str, tokenizer_path: str) -> PeftConfig:
+    return _lora(c, task, tokenizer_path, use_dora=True)
 
 
 def _ia3(c: TrainConfig, task: str, _: str) -> PeftConfig:
@@ -70,8 +74,10 @@ def _bottleneck(c: TrainConfig, task: str, _: str) -> PeftConfig:
                             target_modules=_targets(c))
 
 
+LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "loraplus_lr_ratio")
 METHODS: dict[str, Method] = {
-    "lora": Method(_lora, ("r", "lora_alpha", "lora_dropout", "target_modules")),
+    "lora": Method(_lora, LORA_KEYS),
+    "dora": Method(_dora, LORA_KEYS),
     "ia3": Method(_ia3, ("target_modules",)),
     "prompt-tuning": Method(_prompt_tuning, ("num_virtual_tokens", "prompt_init_text")),
     "prefix": Method(_prefix, ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size")),
@@ -79,16 +85,12 @@ METHODS: dict[str, Method] = {
     "bottleneck": Method(_bottleneck, ("reduction_factor", "placement", "target_modules")),
     "full": Method(None, ()),
 }
-# Named here so that asking for them gives a clear answer rather than "unknown method".
-NOT_AVAILABLE = {"dora": "method 'dora' is not available yet; use method 'lora' for now."}
 
 
 def check_method(config: TrainConfig) -> None:
     """Unknown method: error. A method setting changed for a method that ignores it: warning."""
     from deltatune.trainer.config import ConfigError, TrainConfig
 
-    if config.method in NOT_AVAILABLE:
-        raise ConfigError(NOT_AVAILABLE[config.method])
     if config.method not in METHODS:
         raise ConfigError(f"Unknown method {config.method!r}. Use one of: {', '.join(METHODS)}.")
     used = set(METHODS[config.method].keys)
