@@ -6,6 +6,7 @@ import peft
 import pytest
 import torch
 from conftest import tiny_bert, tiny_llama, tiny_t5
+from transformers import T5Config, T5ForConditionalGeneration
 
 import deltatune as dt
 from deltatune.methods.p_tuning import PromptEncoderConfig
@@ -121,6 +122,110 @@ def test_sampling_returns_only_real_tokens(method):
                          pad_token_id=0)
     assert out.shape == (2, IDS.shape[1] + 5)
     assert torch.equal(out[:, : IDS.shape[1]], IDS)
+
+
+# --- encoder-decoder generation ------------------------------------------------------------------------------
+T5_IDS = torch.tensor([[5, 6, 7, 9, 0, 0], [1, 2, 3, 4, 5, 6], [11, 12, 13, 0, 0, 0]])  # right-padded with T5's pad 0
+T5_MASK = (T5_IDS != 0).long()
+T5_EOS = 1
+
+
+def lively_t5() -> T5ForConditionalGeneration:
+    """A tiny T5 with larger initial weights: greedy decoding varies from step to step (the default init mostly
+    repeats one token), so a wrong position or a stale cache entry shows in the output."""
+    torch.manual_seed(0)
+    config = T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=128,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=T5_EOS, initializer_factor=3.0)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def make_seq2seq(method: str):
+    ours, _, kwargs = METHODS[method]
+    torch.manual_seed(3)
+    model = dt.get_peft_model(lively_t5(), ours(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N, **kwargs)).eval()
+    randomize_prompts(model)
+    return model
+
+
+def seq2seq_greedy_by_forward(model, ids, mask, steps, decoder_ids=None):
+    """Greedy decoding by full forward passes: the decoder re-runs over its whole sequence every step, no cache."""
+    decoder_ids = torch.zeros(len(ids), 1, dtype=torch.long) if decoder_ids is None else decoder_ids  # T5 starts at 0
+    done = torch.zeros(len(ids), dtype=torch.bool)
+    for _ in range(steps):
+        token = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits[:, -1].argmax(-1)
+        token = token.masked_fill(done, 0)  # finished rows are padded, as generate() does
+        done |= token == T5_EOS
+        decoder_ids = torch.cat([decoder_ids, token[:, None]], dim=1)
+        if done.all():
+            break
+    return decoder_ids
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("method", ["prefix", "prefix_plain", "prompt", "p_tuning_mlp"])
+def test_seq2seq_generate_equals_repeated_forward(method, use_cache):
+    model = make_seq2seq(method)
+    with torch.no_grad():
+        expected = seq2seq_greedy_by_forward(model, T5_IDS, T5_MASK, 6)
+        out = model.generate(input_ids=T5_IDS, attention_mask=T5_MASK, max_new_tokens=6, do_sample=False,
+                             use_cache=use_cache)
+        with model.disable_adapter():
+            base = model.generate(input_ids=T5_IDS, attention_mask=T5_MASK, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, expected)
+    assert len({tuple(row.tolist()) for row in out}) == len(out)  # the rows really decode differently
+    for row, base_row in zip(out, base, strict=True):
+        assert not torch.equal(row, base_row)  # the adapter changes every row's generation
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_seq2seq_prefix_rows_equal_rows_generated_alone(use_cache):
+    model = make_seq2seq("prefix_plain")
+    with torch.no_grad():
+        batch = model.generate(input_ids=T5_IDS, attention_mask=T5_MASK, max_new_tokens=6, use_cache=use_cache)
+        for i, row in enumerate(T5_IDS):
+            alone = model.generate(input_ids=row[T5_MASK[i].bool()][None], max_new_tokens=6, use_cache=use_cache)
+            assert torch.equal(batch[i, : alone.shape[1]], alone[0]), i
+
+
+def test_seq2seq_prefix_beam_search_rows_equal_rows_generated_alone():
+    """generate() repeats each input row per beam, and the prefix cache must have one row per beam too."""
+    model = make_seq2seq("prefix_plain")
+    options = {"max_new_tokens": 6, "num_beams": 3, "num_return_sequences": 2}
+    with torch.no_grad():
+        batch = model.generate(input_ids=T5_IDS, attention_mask=T5_MASK, **options)
+        for i, row in enumerate(T5_IDS):
+            alone = model.generate(input_ids=row[T5_MASK[i].bool()][None], **options)
+            assert torch.equal(batch[2 * i : 2 * i + 2, : alone.shape[1]], alone), i
+
+
+def test_seq2seq_prefix_sampling_returns_real_tokens():
+    model = make_seq2seq("prefix_plain")
+    outputs = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        outputs.append(model.generate(input_ids=T5_IDS, attention_mask=T5_MASK, max_new_tokens=5, do_sample=True,
+                                      top_k=20, num_return_sequences=2, use_cache=use_cache))
+    out = outputs[0]
+    assert out.shape[0] == 2 * len(T5_IDS) and 2 <= out.shape[1] <= 6
+    assert torch.all(out[:, 0] == 0) and torch.all((out >= 0) & (out < 128))
+    assert torch.equal(outputs[0], outputs[1])  # the same draws with and without the cache
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_seq2seq_prefix_continues_given_decoder_ids(use_cache):
+    model = make_seq2seq("prefix_plain")
+    decoder_ids = torch.tensor([[0, 7], [0, 9], [0, 3]])
+    with torch.no_grad():
+        expected = seq2seq_greedy_by_forward(model, T5_IDS, T5_MASK, 4, decoder_ids)
+        out = model.generate(input_ids=T5_IDS, attention_mask=T5_MASK, decoder_input_ids=decoder_ids,
+                             decoder_attention_mask=torch.ones_like(decoder_ids), max_new_tokens=4, use_cache=use_cache)
+    assert torch.equal(out, expected)
+
+
+def test_seq2seq_prefix_refuses_cache_implementation():
+    model = make_seq2seq("prefix_plain")
+    with pytest.raises(ValueError, match="drop cache_implementation"):
+        model.generate(input_ids=T5_IDS, attention_mask=T5_MASK, max_new_tokens=2, cache_implementation="static")
 
 
 @pytest.mark.parametrize("method", ["prompt", "prefix", "p_tuning_mlp"])

@@ -421,19 +421,38 @@ class PeftModelForCausalLM(PeftModel):
 
 class PeftModelForSeq2SeqLM(PeftModel):
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """transformers' generate(); a prefix adapter goes in as the decoder's starting KV cache."""
         if not self._prompt_active:
             return self.get_base_model().generate(*args, **kwargs)
         kwargs = _prompt_generate_kwargs(args, kwargs)
-        config = self.peft_config[self.active_adapter]
-        if config.is_prefix:
-            raise ValueError(
-                "generate() with a prefix adapter on an encoder-decoder model is not supported yet; "
-                "use prompt tuning or P-tuning for seq2seq generation."
-            )
+        if self.peft_config[self.active_adapter].is_prefix:
+            return self._generate_with_prefix(kwargs)
         prepared = self._prompt_inputs(
             {"input_ids": kwargs.pop("input_ids"), "attention_mask": kwargs.pop("attention_mask", None)}
         )
         return self.get_base_model().generate(**prepared, **kwargs)
+
+    def _generate_with_prefix(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Decoding starts from the decoder's start token with the prefix already in its self-attention cache.
+
+        Unlike the decoder-only path, no placeholder ids stand for the prefix (generate() would re-feed them as
+        decoder tokens: it slices inputs against a cache by decoder_attention_mask, not by the cache), so the output
+        holds real tokens only. generate() repeats each input row for beams and returned sequences but not a cache
+        it is handed, so the cache is built with that many rows; with use_cache=False, generate() re-feeds the whole
+        sequence every step, so the cache keeps only the prefix rather than growing with each re-fed copy.
+        """
+        model = self.get_base_model()
+        if _generation_setting(model, kwargs, "cache_implementation") is not None:
+            raise ValueError(
+                "generate() with a prefix adapter hands transformers a dynamic KV cache holding the prefix, so it "
+                "cannot build one from cache_implementation: drop cache_implementation (from the call or the "
+                "generation_config)."
+            )
+        config = self.peft_config[self.active_adapter]
+        table = self.prompt_encoder[self.active_adapter]()
+        repeat = generation_expansion(model, kwargs)
+        grow = _generation_setting(model, kwargs, "use_cache") is not False
+        return model.generate(**prompt_learning.prefix_inputs(model, config, table, kwargs, repeat, grow))
 
 
 def _prompt_generate_kwargs(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -446,6 +465,14 @@ def _prompt_generate_kwargs(args: tuple, kwargs: dict[str, Any]) -> dict[str, An
     if kwargs.get("inputs_embeds") is not None or given_cache:
         raise ValueError("generate() with a prompt-learning adapter builds inputs_embeds and the cache itself.")
     return kwargs
+
+
+def _generation_setting(model: nn.Module, kwargs: dict[str, Any], name: str) -> Any:
+    """A generate() option as generate() resolves it: the keyword, else the given or the model's generation_config."""
+    if kwargs.get(name) is not None:
+        return kwargs[name]
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return getattr(config, name, None)
 
 
 def _placeholder_id(model: nn.Module) -> int:

@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import DynamicCache, EncoderDecoderCache
+from transformers import Cache, DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicLayer
 
 from deltatune.config import PeftConfig
 
@@ -165,12 +166,31 @@ def embedding_inputs(model: nn.Module, config: PromptLearningConfig, prompts: to
     return kwargs
 
 
-def prefix_cache(model: nn.Module, config: PromptLearningConfig, table: torch.Tensor, batch: int):
+class PrefixOnlyLayer(DynamicLayer):
+    """A KV-cache layer that holds the prefix and never grows.
+
+    Each forward attends to the prefix plus its own tokens and stores nothing, so generate(use_cache=False), which
+    re-feeds the whole decoded sequence at every step, computes exactly what forward() does. A growing cache would
+    keep every re-fed copy of the sequence instead.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:  # writing the prefix itself
+            return super().update(key_states, value_states, *args, **kwargs)
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def prefix_cache(model: nn.Module, config: PromptLearningConfig, table: torch.Tensor, batch: int, grow: bool = True):
     """A transformers Cache holding the learned key/value prefix of every layer.
 
     The table row layout is peft's: per virtual token, num_layers * 2 vectors of token_dim (key, value per
     layer); with two transformer submodules (encoder-decoder) the list is repeated and each decoder layer
     takes the pair at 4 * layer, as peft does, so adapter files mean the same in both libraries.
+
+    Encoder-decoder models get the prefix in the decoder's self-attention cache only; the cross-attention cache
+    starts empty (is_updated False), so the decoder computes it from the encoder output of its own batch.
+    With grow=False the cache keeps only the prefix (see PrefixOnlyLayer).
     """
     n, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
     head_dim = config.token_dim // heads
@@ -181,7 +201,10 @@ def prefix_cache(model: nn.Module, config: PromptLearningConfig, table: torch.Te
     step = 2 * submodules
     model_config = getattr(model, "config", None)
     is_encoder_decoder = getattr(model_config, "is_encoder_decoder", False)
-    cache = DynamicCache() if is_encoder_decoder else DynamicCache(config=model_config)
+    if not grow:
+        cache = Cache(layer_class_to_replicate=PrefixOnlyLayer)
+    else:
+        cache = DynamicCache() if is_encoder_decoder else DynamicCache(config=model_config)
     for layer in range(layers):
         key = kv[step * layer].unsqueeze(0).expand(batch, -1, -1, -1)
         value = kv[step * layer + 1].unsqueeze(0).expand(batch, -1, -1, -1)
@@ -191,9 +214,14 @@ def prefix_cache(model: nn.Module, config: PromptLearningConfig, table: torch.Te
     return cache
 
 
-def prefix_inputs(model: nn.Module, config: PromptLearningConfig, table: torch.Tensor,
-                  kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Model inputs with the prefix in a fresh KV cache (prefix tuning)."""
+def prefix_inputs(model: nn.Module, config: PromptLearningConfig, table: torch.Tensor, kwargs: dict[str, Any],
+                  repeat: int = 1, grow: bool = True) -> dict[str, Any]:
+    """Model inputs with the prefix in a fresh KV cache (prefix tuning).
+
+    For generate(): `repeat` gives the cache that many rows per input row, since generate() repeats each input for
+    beams or returned sequences but not a cache it is handed; grow=False builds a cache that keeps only the prefix,
+    for use_cache=False.
+    """
     kwargs = dict(kwargs)
     if any(kwargs.get(name) is not None for name in CACHE_ARGUMENTS):
         raise ValueError(
@@ -208,7 +236,7 @@ def prefix_inputs(model: nn.Module, config: PromptLearningConfig, table: torch.T
         raise ValueError("Pass input_ids or inputs_embeds.")
     batch, length = reference.shape[:2]
     is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-    kwargs[cache_argument(model)] = prefix_cache(model, config, table.to(model.dtype), batch)
+    kwargs[cache_argument(model)] = prefix_cache(model, config, table.to(model.dtype), batch * repeat, grow)
     if is_encoder_decoder:
         if kwargs.get("decoder_attention_mask") is not None:
             mask = kwargs["decoder_attention_mask"]
