@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import peft
 import pytest
 import torch
 from conftest import tiny_bert, tiny_llama, tiny_t5
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 import deltatune as dt
 from deltatune.methods.p_tuning import PromptEncoderConfig
@@ -122,6 +125,109 @@ def test_sampling_returns_only_real_tokens(method):
                          pad_token_id=0)
     assert out.shape == (2, IDS.shape[1] + 5)
     assert torch.equal(out[:, : IDS.shape[1]], IDS)
+
+
+# --- decoder-only generation on a lively model ---------------------------------------------------------------
+LLAMA_IDS = torch.tensor([[0, 0, 5, 6, 7, 9], [1, 2, 3, 4, 5, 6], [0, 0, 0, 11, 12, 13]])  # left-padded with pad 0
+LLAMA_MASK = (LLAMA_IDS != 0).long()
+GENERATING = ["prefix", "prefix_plain", "prompt", "p_tuning_mlp"]
+
+
+def lively_llama() -> LlamaForCausalLM:
+    """A tiny Llama with grouped-query attention and larger initial weights, so that greedy decoding varies from
+    step to step and a wrong position, a duplicated cache entry or a misplaced row shows in the output. No EOS:
+    every row generates the full length."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, pad_token_id=0,
+                         bos_token_id=None, eos_token_id=None, initializer_range=0.3)
+    return LlamaForCausalLM(config).eval()
+
+
+def make_causal(method: str):
+    ours, _, kwargs = METHODS[method]
+    torch.manual_seed(3)
+    model = dt.get_peft_model(lively_llama(), ours(task_type="CAUSAL_LM", num_virtual_tokens=N, **kwargs)).eval()
+    randomize_prompts(model)
+    return model
+
+
+@contextmanager
+def cache_lengths(model) -> Iterator[list[int]]:
+    """Records the length of the KV cache handed to each forward of the base model."""
+    lengths = []
+
+    def record(_, args, kwargs):
+        if kwargs.get("cache") is not None:
+            lengths.append(kwargs["cache"].get_seq_length())
+
+    handle = model.get_base_model().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield lengths
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("method", GENERATING)
+def test_causal_generate_equals_repeated_forward_with_and_without_cache(method):
+    model = make_causal(method)
+    options = {"input_ids": LLAMA_IDS, "attention_mask": LLAMA_MASK, "max_new_tokens": 6, "do_sample": False}
+    with torch.no_grad():
+        expected = greedy_by_forward(model, LLAMA_IDS, LLAMA_MASK, 6)
+        cached = model.generate(**options, use_cache=True)
+        with cache_lengths(model) as lengths:
+            uncached = model.generate(**options, use_cache=False)
+        with model.disable_adapter():
+            base = model.generate(**options)
+    assert torch.equal(cached, expected)
+    assert torch.equal(uncached, expected)
+    if model.peft_config["default"].is_prefix:
+        assert lengths == [N] * 6  # the prefix only: re-fed sequences are not stored again
+    assert len({tuple(row.tolist()) for row in expected[:, -6:]}) == len(expected)  # rows really decode differently
+    for row, base_row in zip(expected, base, strict=True):
+        assert not torch.equal(row, base_row)  # the adapter changes every row's generation
+
+
+@pytest.mark.parametrize("method", GENERATING)
+def test_causal_beam_search_rows_equal_rows_generated_alone(method):
+    """generate() repeats each input row per beam; a prefix cache must have one row per beam too."""
+    model = make_causal(method)
+    options = {"max_new_tokens": 6, "num_beams": 3, "num_return_sequences": 2}
+    with torch.no_grad():
+        batch = model.generate(input_ids=LLAMA_IDS, attention_mask=LLAMA_MASK, **options)
+        assert batch.shape == (2 * len(LLAMA_IDS), LLAMA_IDS.shape[1] + 6)
+        for i, row in enumerate(LLAMA_IDS):
+            pad = int((LLAMA_MASK[i] == 0).sum())
+            alone = model.generate(input_ids=row[pad:][None], **options)
+            assert torch.equal(batch[2 * i : 2 * i + 2, pad:], alone), i
+
+
+@pytest.mark.parametrize("method", GENERATING)
+def test_causal_sampling_several_sequences_per_row(method):
+    model = make_causal(method)
+    outputs = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        outputs.append(model.generate(input_ids=LLAMA_IDS, attention_mask=LLAMA_MASK, max_new_tokens=5,
+                                      do_sample=True, top_k=20, num_return_sequences=2, use_cache=use_cache))
+    out = outputs[0]
+    assert out.shape == (2 * len(LLAMA_IDS), LLAMA_IDS.shape[1] + 5)
+    assert torch.equal(out[:, : LLAMA_IDS.shape[1]], LLAMA_IDS.repeat_interleave(2, dim=0))
+    assert torch.all((out >= 0) & (out < 128))
+    assert torch.equal(outputs[0], outputs[1])  # the same draws with and without the cache
+
+
+@pytest.mark.parametrize("method", GENERATING)
+def test_causal_generate_return_dict_holds_the_plain_sequences(method):
+    model = make_causal(method)
+    options = {"input_ids": LLAMA_IDS, "attention_mask": LLAMA_MASK, "max_new_tokens": 6}
+    with torch.no_grad():
+        plain = model.generate(**options)
+        out = model.generate(**options, return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(out.sequences, plain)
+    assert torch.equal(out.sequences[:, : LLAMA_IDS.shape[1]], LLAMA_IDS)  # real tokens only, no placeholders
+    assert len(out.scores) == 6
+    assert torch.equal(torch.stack(out.scores, 1).argmax(-1), out.sequences[:, -6:])  # scores match the tokens
 
 
 # --- encoder-decoder generation ------------------------------------------------------------------------------

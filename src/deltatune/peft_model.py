@@ -284,6 +284,31 @@ class PeftModel(nn.Module):
             return prompt_learning.prefix_inputs(model, config, table, kwargs)
         return prompt_learning.embedding_inputs(model, config, table, kwargs)
 
+    def _generate_with_prefix(self, kwargs: dict[str, Any]) -> Any:
+        """transformers' generate() with the prefix as the starting KV cache of the (decoder's) self-attention.
+
+        No placeholder ids stand for the prefix, so the output holds real tokens only: a decoder-only model's
+        attention mask covers the prefix too, and being longer than the input ids it makes generate() feed them all
+        rather than cut the cache's length off them; an encoder-decoder's decoder starts from its start token.
+        generate() repeats each input row for beams and returned sequences but not a cache it is handed, so the
+        cache is built with that many rows; with use_cache=False, generate() re-feeds the whole sequence every step,
+        so the cache keeps only the prefix rather than growing with each re-fed copy.
+        """
+        model = self.get_base_model()
+        if _generation_setting(model, kwargs, "cache_implementation") is not None:
+            raise ValueError(
+                "generate() with a prefix adapter hands transformers a dynamic KV cache holding the prefix, so it "
+                "cannot build one from cache_implementation: drop cache_implementation (from the call or the "
+                "generation_config)."
+            )
+        config = self.peft_config[self.active_adapter]
+        table = self.prompt_encoder[self.active_adapter]()
+        repeat = generation_expansion(model, kwargs)
+        grow = _generation_setting(model, kwargs, "use_cache") is not False
+        prepared = prompt_learning.prefix_inputs(model, config, table, kwargs, repeat, grow)
+        prepared["use_cache"] = grow  # generate() must step the way the cache was built for
+        return model.generate(**prepared)
+
     # --- files ---------------------------------------------------------------------------------
     def save_pretrained(
         self,
@@ -389,11 +414,16 @@ def _model_card(config: PeftConfig) -> str:
 
 
 class PeftModelForCausalLM(PeftModel):
-    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> torch.Tensor:
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """transformers' generate(); with a prompt adapter the output holds the input and new tokens only.
 
         With adapter_names (one per input row), each row generates with its own LoRA adapter; generate() repeats
-        a row for each beam or returned sequence, and its adapter with it."""
+        a row for each beam or returned sequence, and its adapter with it.
+
+        With return_dict_in_generate, `.sequences` is what the plain call returns and the per-step fields (scores,
+        logits, beam_indices) cover the new tokens, as without an adapter. With prompt tuning or P-tuning the first
+        step's attentions and hidden states, and the returned cache, include the virtual tokens; with a prefix
+        adapter the returned cache starts with the prefix."""
         if adapter_names is not None:
             model = self.get_base_model()
             expand = generation_expansion(model, kwargs)
@@ -402,21 +432,20 @@ class PeftModelForCausalLM(PeftModel):
         if not self._prompt_active:
             return self.get_base_model().generate(*args, **kwargs)
         kwargs = _prompt_generate_kwargs(args, kwargs)
+        if self.peft_config[self.active_adapter].is_prefix:
+            return self._generate_with_prefix(kwargs)
         input_ids = kwargs.pop("input_ids")
-        config = self.peft_config[self.active_adapter]
-        model = self.get_base_model()
-        n = config.num_virtual_tokens
         prepared = self._prompt_inputs({"input_ids": input_ids, "attention_mask": kwargs.pop("attention_mask", None)})
         prepared.pop("position_ids", None)  # generate() derives the same positions from the attention mask
-        if config.is_prefix:
-            # Placeholder ids stand for the cached prefix so that transformers' cache bookkeeping lines up;
-            # they are cut from the output.
-            placeholder = torch.full_like(input_ids[:, :1], _placeholder_id(model)).expand(-1, n)
-            prepared["input_ids"] = torch.cat([placeholder, input_ids], dim=1)
-            prepared.pop("use_cache", None)
-            return model.generate(**prepared, **kwargs)[:, n:]
-        new_tokens = model.generate(**prepared, **kwargs)
-        return torch.cat([input_ids, new_tokens], dim=1)
+        # From inputs_embeds, generate() returns the new tokens only, a row per returned sequence: put each row's
+        # input ids in front.
+        out = self.get_base_model().generate(**prepared, **kwargs)
+        new_tokens = out if isinstance(out, torch.Tensor) else out.sequences
+        sequences = torch.cat([input_ids.repeat_interleave(len(new_tokens) // len(input_ids), dim=0), new_tokens], 1)
+        if isinstance(out, torch.Tensor):
+            return sequences
+        out.sequences = sequences
+        return out
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
@@ -431,28 +460,6 @@ class PeftModelForSeq2SeqLM(PeftModel):
             {"input_ids": kwargs.pop("input_ids"), "attention_mask": kwargs.pop("attention_mask", None)}
         )
         return self.get_base_model().generate(**prepared, **kwargs)
-
-    def _generate_with_prefix(self, kwargs: dict[str, Any]) -> torch.Tensor:
-        """Decoding starts from the decoder's start token with the prefix already in its self-attention cache.
-
-        Unlike the decoder-only path, no placeholder ids stand for the prefix (generate() would re-feed them as
-        decoder tokens: it slices inputs against a cache by decoder_attention_mask, not by the cache), so the output
-        holds real tokens only. generate() repeats each input row for beams and returned sequences but not a cache
-        it is handed, so the cache is built with that many rows; with use_cache=False, generate() re-feeds the whole
-        sequence every step, so the cache keeps only the prefix rather than growing with each re-fed copy.
-        """
-        model = self.get_base_model()
-        if _generation_setting(model, kwargs, "cache_implementation") is not None:
-            raise ValueError(
-                "generate() with a prefix adapter hands transformers a dynamic KV cache holding the prefix, so it "
-                "cannot build one from cache_implementation: drop cache_implementation (from the call or the "
-                "generation_config)."
-            )
-        config = self.peft_config[self.active_adapter]
-        table = self.prompt_encoder[self.active_adapter]()
-        repeat = generation_expansion(model, kwargs)
-        grow = _generation_setting(model, kwargs, "use_cache") is not False
-        return model.generate(**prompt_learning.prefix_inputs(model, config, table, kwargs, repeat, grow))
 
 
 def _prompt_generate_kwargs(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -473,17 +480,6 @@ def _generation_setting(model: nn.Module, kwargs: dict[str, Any], name: str) -> 
         return kwargs[name]
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     return getattr(config, name, None)
-
-
-def _placeholder_id(model: nn.Module) -> int:
-    config = getattr(model, "generation_config", None)
-    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        value = getattr(config, name, None)
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if value is not None:
-            return int(value)
-    return 0
 
 
 class PeftModelForSequenceClassification(PeftModel):
