@@ -230,6 +230,15 @@ def test_causal_generate_return_dict_holds_the_plain_sequences(method):
     assert torch.equal(torch.stack(out.scores, 1).argmax(-1), out.sequences[:, -6:])  # scores match the tokens
 
 
+@pytest.mark.parametrize("method", GENERATING)
+def test_causal_max_length_counts_real_tokens_only(method):
+    model = make_causal(method)
+    with torch.no_grad():
+        by_length = model.generate(input_ids=LLAMA_IDS, attention_mask=LLAMA_MASK, max_length=10)
+        by_new = model.generate(input_ids=LLAMA_IDS, attention_mask=LLAMA_MASK, max_new_tokens=4)
+    assert torch.equal(by_length, by_new)  # 6 input tokens + 4 new: the virtual tokens are not counted
+
+
 # --- encoder-decoder generation ------------------------------------------------------------------------------
 T5_IDS = torch.tensor([[5, 6, 7, 9, 0, 0], [1, 2, 3, 4, 5, 6], [11, 12, 13, 0, 0, 0]])  # right-padded with T5's pad 0
 T5_MASK = (T5_IDS != 0).long()

@@ -437,6 +437,8 @@ class PeftModelForCausalLM(PeftModel):
         input_ids = kwargs.pop("input_ids")
         prepared = self._prompt_inputs({"input_ids": input_ids, "attention_mask": kwargs.pop("attention_mask", None)})
         prepared.pop("position_ids", None)  # generate() derives the same positions from the attention mask
+        if kwargs.get("max_length") is not None:  # generate() counts the virtual tokens in; the caller did not
+            kwargs["max_length"] += self.peft_config[self.active_adapter].num_virtual_tokens
         # From inputs_embeds, generate() returns the new tokens only, a row per returned sequence: put each row's
         # input ids in front.
         out = self.get_base_model().generate(**prepared, **kwargs)
