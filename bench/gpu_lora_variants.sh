@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The LoRA-variant benches on a CUDA GPU: mixed-adapter batches (bench/mixed_batch.py) and the DoRA training step
+# (bench/dora_step.py), deltatune vs peft. Not run in CI; needs a CUDA build of torch. JSON goes to $RESULTS
+# (default bench/results/). Measured once on an H200: see bench/README.md.
+#
+#   bench/gpu_lora_variants.sh
+#   PYTHON=python3 RESULTS=/some/dir bench/gpu_lora_variants.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+RESULTS=${RESULTS:-bench/results}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+mkdir -p "$RESULTS"
+
+"$PYTHON" -c "import sys, torch; torch.cuda.is_available() or sys.exit('no CUDA device visible to torch ' + torch.__version__)"
+"$PYTHON" bench/mixed_batch.py --device cuda --batch 32 --seq 256 --steps 20 --warmup 5 --json "$RESULTS/mixed_batch-gpu.json"
+"$PYTHON" bench/dora_step.py --device cuda --batch 16 --seq 512 --accum 4 --steps 20 --warmup 5 \
+    --json "$RESULTS/dora_step-gpu.json"
