@@ -427,7 +427,9 @@ class PeftModelForCausalLM(PeftModel):
         if adapter_names is not None:
             model = self.get_base_model()
             expand = generation_expansion(model, kwargs)
-            with mixed_adapter_rows(self, adapter_names, batch_size_of(args, kwargs), repeat=expand):
+            # generate() runs without gradients anyway; entering the block without them too lets the layers take
+            # their adapter stacks once for the whole call.
+            with torch.no_grad(), mixed_adapter_rows(self, adapter_names, batch_size_of(args, kwargs), repeat=expand):
                 return model.generate(*args, **kwargs)
         if not self._prompt_active:
             return self.get_base_model().generate(*args, **kwargs)

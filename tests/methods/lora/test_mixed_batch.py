@@ -107,6 +107,20 @@ def test_generate_with_several_return_sequences_repeats_the_rows():
     assert out.shape[0] == 6
 
 
+def test_generate_takes_each_layers_stacks_once_per_call(monkeypatch):
+    from deltatune.methods.lora import mixed_batch
+    from deltatune.methods.lora.layers import LoraLinear
+
+    model = mixed_model()
+    calls = []
+    original = mixed_batch.stacked_factors
+    monkeypatch.setattr(mixed_batch, "stacked_factors", lambda layer, *a: calls.append(layer) or original(layer, *a))
+    ids = torch.randint(1, 128, (3, 5))
+    model.generate(input_ids=ids, adapter_names=["a", BASE, "c"], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert len(calls) == len(layers)  # not once per generated token
+
+
 def test_unknown_adapter_lists_the_loaded_ones():
     model = mixed_model()
     with pytest.raises(ValueError, match=r"Unknown adapter\(s\) \['nope'\].*\['a', 'b', 'c'\]"):

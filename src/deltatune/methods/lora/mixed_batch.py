@@ -10,9 +10,10 @@ cached per layer, keyed on the storage and version counter (`_version`) of each 
 after an optimizer step, a load or a hot-swap. With gradients enabled they are built afresh each call from the
 batch's adapters only (so gradients reach exactly those factors) and not cached.
 
-The rows reach the layers through `mixed_rows` on each LoRA layer (the batch's adapter names and each row's
-index into that layer's stack), set for the duration of one call by `mixed_adapter_rows` (no patching of
-transformers); a layer whose `mixed_rows` is set skips its active-adapter path.
+The rows reach the layers through `mixed_rows` on each LoRA layer (the batch's adapter names, each row's index
+into that layer's stack, and the stacks themselves when the call runs without gradients), set for the duration
+of one call by `mixed_adapter_rows` (no patching of transformers); a layer whose `mixed_rows` is set skips its
+active-adapter path.
 """
 
 from __future__ import annotations
@@ -59,13 +60,17 @@ def mixed_adapter_rows(peft_model: PeftModel, adapter_names: Sequence[str], batc
                              "training mode. Call model.eval() or use adapters without lora_dropout.")
     rows_by_slots: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
     lora_layers = [layer for layer in layers if isinstance(layer, LoraLinear)]
+    # Without gradients (inference, generate()), each layer's stacks are looked up once for the whole call rather
+    # than checked against the weights in every forward: generate() runs one forward per new token.
+    once = not torch.is_grad_enabled()
     for layer in lora_layers:
         slots, device = tuple(layer.lora_A), layer.base_layer.weight.device
         if (slots, device) not in rows_by_slots:  # layers with the same adapters share one index tensor
             index = {name: i + 1 for i, name in enumerate(slots)}
             rows = torch.tensor([index.get(name, 0) for name in adapter_names]).repeat_interleave(repeat)
             rows_by_slots[slots, device] = rows.to(device)
-        layer.mixed_rows = (tuple(names), rows_by_slots[slots, device])
+        stacks = stacked_factors(layer, tuple(names), _factor_dtype(layer)) if once else None
+        layer.mixed_rows = (tuple(names), rows_by_slots[slots, device], stacks)
     # Everything else (other methods' layers, modules_to_save copies) runs as the bare model for every row;
     # LoRA Linear layers take the mixed path before they look at the flag.
     injection.set_disabled(model, True)
@@ -159,15 +164,18 @@ def _scalar_key(scaling: float | torch.Tensor) -> Any:
 
 def mixed_forward(layer: LoraLinear, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """`result` plus, for each row of `x`, that row's adapter: two batched matmuls over gathered factors."""
-    names, rows = layer.mixed_rows
+    names, rows, stacks = layer.mixed_rows
     if x.shape[0] != rows.shape[0]:
         raise ValueError(
             f"A mixed-adapter batch was set up for {rows.shape[0]} rows, but a layer got {x.shape[0]}; "
             "the model changed the batch size (beam search or num_return_sequences outside generate()?)."
         )
-    stack_a, stack_b = stacked_factors(layer, names, _factor_dtype(layer))
+    if stacks is None or torch.is_grad_enabled():
+        stacks = stacked_factors(layer, names, _factor_dtype(layer))
+    stack_a, stack_b = stacks
     h = x.to(stack_a.dtype).reshape(x.shape[0], -1, x.shape[-1])
-    h = torch.bmm(torch.bmm(h, stack_a[rows].transpose(1, 2)), stack_b[rows].transpose(1, 2))
+    a, b = stack_a.index_select(0, rows), stack_b.index_select(0, rows)  # cheaper than stack[rows] per call
+    h = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))
     return result + h.reshape(result.shape).to(result.dtype)
 
 
