@@ -156,3 +156,18 @@ def test_save_after_hotswap_writes_the_swapped_in_adapter(adapters, tmp_path, sw
     torch.testing.assert_close(logits(model), logits(load(adapters["large"])))
     model.save_pretrained(tmp_path / "again")
     assert_same_files(tmp_path / "again", adapters["large"])
+
+
+@pytest.mark.parametrize(("combination", "first", "second"), [
+    ("cat", "large", "small"), ("svd", "large", "small"), ("linear", "small", "subset")])
+def test_weighted_merge_of_padded_adapters_equals_the_unpadded_merge(adapters, combination, first, second):
+    def merged(pad: bool) -> torch.Tensor:
+        model = load(adapters[first])
+        model.load_adapter(adapters[second], adapter_name="second")
+        if pad:
+            prepare_model_for_compiled_hotswap(model, target_rank=12)
+        model.add_weighted_adapter(["default", "second"], [0.6, 0.4], "mix", combination_type=combination)
+        model.set_adapter("mix")
+        return logits(model)
+
+    torch.testing.assert_close(merged(pad=True), merged(pad=False), atol=1e-5, rtol=1e-5)

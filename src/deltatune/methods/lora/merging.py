@@ -203,9 +203,13 @@ def combine_svd(combination: str, deltas: Sequence[torch.Tensor], weights: Seque
 
 # --- adding the combined adapter to a model ------------------------------------------------------
 def _factors(layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's factors at its rank `r` (views): hot-swapping may hold them zero-padded to a larger rank."""
     if isinstance(layer, LoraEmbedding):
-        return layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name]
-    return layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        a, b = layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name]
+    else:
+        a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    r = layer.r[adapter_name]
+    return a[:r], b[:, :r]
 
 
 def _max_rank(config: LoraConfig) -> int:
