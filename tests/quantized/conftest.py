@@ -59,3 +59,18 @@ def load(path, quantize: str | None = None):
 def token_batch(seed: int = 1, size: int = 2, length: int = 9) -> dict[str, torch.Tensor]:
     ids = torch.randint(1, VOCAB, (size, length), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def train_losses(model, lr: float, steps: int = 5) -> list[float]:
+    """`steps` AdamW steps of `model` on token_batch() (labels = inputs); the loss before each step."""
+    inputs = token_batch()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

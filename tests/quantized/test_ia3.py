@@ -9,7 +9,7 @@ import torch
 import deltatune
 from deltatune.quantized.layers import QuantizedIA3Linear
 
-from .conftest import QUANTIZATIONS, load, token_batch
+from .conftest import QUANTIZATIONS, load, token_batch, train_losses
 
 
 def logits(model):
@@ -33,16 +33,7 @@ def test_ia3_trains_on_a_quantized_base(tiny_llama_dir, quantize):
     down = model.get_base_model().model.layers[0].mlp.down_proj
     assert isinstance(down, QuantizedIA3Linear) and down.is_feedforward["default"]
     assert down.ia3_l["default"].shape == (1, 128) and down.ia3_l["default"].dtype == torch.float32
-    inputs = token_batch()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    model.train()
-    losses = []
-    for _ in range(5):
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, lr=5e-2)
     assert losses[-1] < losses[0]
 
 

@@ -9,7 +9,7 @@ import torch
 import deltatune
 from deltatune.quantized.layers import QuantizedLoraLinear
 
-from .conftest import QUANTIZATIONS, load, token_batch
+from .conftest import QUANTIZATIONS, load, token_batch, train_losses
 
 LORA = {"task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
 # Measured on the tiny random Llama (logits within +-0.6) with the adapter of `perturbed_lora` (it moves the logits
@@ -46,16 +46,7 @@ def test_lora_trains_only_adapter_weights(tiny_llama_dir, quantize):
     adapter_keys = {k for k, p in model.named_parameters() if p.requires_grad}
     assert adapter_keys and all(".lora_A." in k or ".lora_B." in k for k in adapter_keys)
 
-    inputs = token_batch()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(5):
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, lr=1e-2)
     assert losses[-1] < losses[0] - 0.1
 
     after = model.state_dict()

@@ -12,7 +12,7 @@ from deltatune.quantized import RequantizationWarning
 from deltatune.quantized.layers import QuantizedLoraLinear
 from deltatune.quantized.loading import quantize_nf4
 
-from .conftest import load, token_batch
+from .conftest import load, token_batch, train_losses
 
 LORA = {"task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
 # Measured on the tiny Llama (logits within +-0.6), adapter from `perturbed`: the float32 base with the same adapter
@@ -51,16 +51,7 @@ def test_lora_trains_saves_and_moves_to_full_precision(tiny_llama_dir, tmp_path,
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert isinstance(layer, QuantizedLoraLinear) and isinstance(layer.base_layer.weight, WEIGHT_TYPE[kind])
     frozen = layer.base_layer.weight
-    inputs = token_batch()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(5):
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, lr=1e-2)
     assert losses[-1] < losses[0] - 0.1
     assert layer.base_layer.weight is frozen and not frozen.requires_grad
 
