@@ -12,6 +12,7 @@ Two step shapes, timed separately:
   accum N   the same batch as N micro-batches with gradients accumulated, then one optimizer step. deltatune
             computes each layer's weight norm once per step (cached on the parameter versions); peft
             recomputes it in every micro-batch, so this is where the cache shows.
+Reference row "lora": deltatune's plain LoRA (use_dora=False), same A and B: what DoRA costs on top of LoRA.
 Reference row "frozen": the same model with every parameter frozen, forward + backward to inputs_embeds only
 (per micro-batch): the floor any adapter step pays, so frozen/peft is the lowest ratio any DoRA could reach.
 Time: common.time_interleaved (one process holds the three models, one step of each per round in rotating
@@ -38,7 +39,7 @@ import torch
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 LIBS = ("deltatune", "peft")
-KINDS = (*LIBS, "frozen")
+KINDS = (*LIBS, "lora", "frozen")
 TARGET = 0.8  # deltatune's DoRA step should take at most this share of peft's
 
 
@@ -83,8 +84,9 @@ def build(kind: str, batch: int, seq: int, accum: int, seed: int = 0, device: st
     """The DoRA model of one library with its step closure: `accum` micro-batches, then one AdamW step."""
     if kind == "frozen":
         return build_frozen(batch, seq, accum, seed, device)
-    lib = __import__(kind)
-    config = lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=True, task_type="CAUSAL_LM")
+    lib = __import__("deltatune" if kind == "lora" else kind)
+    config = lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=kind != "lora",
+                            task_type="CAUSAL_LM")
     model = lib.get_peft_model(common.tiny_llama(seed), config).train()
     set_adapter_values(lib, model, seed)
     model.to(device)
@@ -158,14 +160,14 @@ def main() -> None:
                   f"{statistics.median(cpu[kind]) * 1e3:9.1f} {min(wall[kind]) * 1e3:9.1f}")
         ratios[accum] = {f"{kind}/peft": {"time": common.paired_ratio(wall[kind], wall["peft"]),
                                           "cpu_time": common.paired_ratio(cpu[kind], cpu["peft"])}
-                         for kind in ("deltatune", "frozen")}
+                         for kind in ("deltatune", "lora", "frozen")}
         ratios[accum]["max_loss_gap"] = gap
     for accum, r in ratios.items():
-        ours, floor = r["deltatune/peft"], r["frozen/peft"]
+        ours, lora, floor = r["deltatune/peft"], r["lora/peft"], r["frozen/peft"]
         verdict = "ok" if ours["time"] <= TARGET else f"ABOVE the {TARGET} target"
         print(f"accum {accum}: deltatune/peft step time {ours['time']:.3f} (cpu {ours['cpu_time']:.3f}), {verdict}; "
-              f"floor frozen/peft {floor['time']:.3f} (cpu {floor['cpu_time']:.3f}); "
-              f"max |loss gap| {r['max_loss_gap']:.1e}")
+              f"plain LoRA/peft {lora['time']:.3f}; floor frozen/peft {floor['time']:.3f} "
+              f"(cpu {floor['cpu_time']:.3f}); max |loss gap| {r['max_loss_gap']:.1e}")
     if memory:
         print(f"{'library':<10} {'tensors MB':>11} {'saved-bwd MB':>13} {'peak RSS+ MB':>13}")
         for name, m in memory.items():

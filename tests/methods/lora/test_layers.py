@@ -256,6 +256,18 @@ def test_half_precision_base_keeps_float32_adapter():
     assert model.layer.lora_B["default"].weight.grad is not None
 
 
+def test_half_precision_base_adds_the_float32_adapter_before_rounding_as_peft():
+    kwargs = config_kwargs("linear")
+    # get_peft_model: both libraries keep the adapter in float32 beside a bfloat16 base
+    theirs = peft.get_peft_model(holder("linear").to(torch.bfloat16), peft.LoraConfig(**kwargs))
+    ours = deltatune.get_peft_model(holder("linear").to(torch.bfloat16), deltatune.LoraConfig(**kwargs))
+    assert ours.base_model.model.layer.lora_A["default"].weight.dtype == torch.float32
+    deltatune.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+
+
 def test_grouped_conv_and_unsupported_modules_are_refused_clearly():
     grouped = Holder(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(ValueError, match="groups=2"):

@@ -29,6 +29,18 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def add_scaled_product(result: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, scaling: float | torch.Tensor
+                       ) -> torch.Tensor:
+    """result + scaling * h @ weight.T as one addmm over the flattened rows: the product is accumulated into the
+    output instead of written, scaled and added in three passes over an output-sized tensor. A half-precision
+    result is added in the factors' dtype and rounded once, as peft does."""
+    if torch.is_tensor(scaling):  # hot-swap keeps scaling as a tensor; scale the rank-sized operand instead
+        h, scaling = h * scaling, 1
+    out = torch.addmm(result.reshape(-1, result.shape[-1]).to(h.dtype), h.reshape(-1, h.shape[-1]), weight.T,
+                      alpha=scaling)
+    return out.view(result.shape).to(result.dtype)
+
+
 class LoraLayer(AdapterLayer):
     adapter_param_containers = ("lora_A", "lora_B", "lora_magnitude_vector")
     adapter_state_attributes = ("lora_dropout", "scaling", "r", "lora_alpha", "lora_variant")
@@ -149,8 +161,8 @@ class LoraLinear(LoraLayer):
                 result = variant.forward(self, name, x, result)
                 continue
             lora_A = self.lora_A[name]
-            h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
-            result = result + (self.lora_B[name](lora_A(h)) * self.scaling[name]).to(result.dtype)
+            h = lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))
+            result = add_scaled_product(result, h, self.lora_B[name].weight, self.scaling[name])
         return result
 
 

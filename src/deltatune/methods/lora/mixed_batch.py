@@ -48,7 +48,8 @@ def mixed_adapter_rows(peft_model: PeftModel, adapter_names: Sequence[str], batc
     if any(layer.merged for layer in layers):
         raise ValueError("Mixed-adapter batches need unmerged adapters: call unmerge_adapter() first.")
     for layer in layers:
-        used = [n for n in names if n in layer.adapter_names]
+        present = layer.adapter_names
+        used = [n for n in names if n in present]
         if used and not isinstance(layer, LoraLinear):
             raise ValueError(
                 f"Mixed-adapter batches support LoRA on Linear / Conv1D layers only; adapter(s) {used} also "
@@ -72,12 +73,16 @@ def mixed_adapter_rows(peft_model: PeftModel, adapter_names: Sequence[str], batc
         stacks = stacked_factors(layer, tuple(names), _factor_dtype(layer)) if once else None
         layer.mixed_rows = (tuple(names), rows_by_slots[slots, device], stacks)
     # Everything else (other methods' layers, modules_to_save copies) runs as the bare model for every row;
-    # LoRA Linear layers take the mixed path before they look at the flag.
-    injection.set_disabled(model, True)
+    # LoRA Linear layers take the mixed path and need no flag.
+    others = [layer for layer in layers if not isinstance(layer, LoraLinear)]
+    others += [wrapper for _, wrapper in injection.wrappers(model)]
+    for module in others:
+        module.disabled = True
     try:
         yield
     finally:
-        injection.set_disabled(model, False)
+        for module in others:
+            module.disabled = False
         for layer in lora_layers:
             layer.mixed_rows = None
 
@@ -175,8 +180,10 @@ def mixed_forward(layer: LoraLinear, x: torch.Tensor, result: torch.Tensor) -> t
     stack_a, stack_b = stacks
     h = x.to(stack_a.dtype).reshape(x.shape[0], -1, x.shape[-1])
     a, b = stack_a.index_select(0, rows), stack_b.index_select(0, rows)  # cheaper than stack[rows] per call
-    h = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))
-    return result + h.reshape(result.shape).to(result.dtype)
+    # The B product is accumulated into the output (baddbmm), as the single-adapter forward does with addmm.
+    out = torch.baddbmm(result.reshape(h.shape[0], -1, result.shape[-1]).to(h.dtype), torch.bmm(h, a.transpose(1, 2)),
+                        b.transpose(1, 2))
+    return out.view(result.shape).to(result.dtype)
 
 
 def _factor_dtype(layer: LoraLinear) -> torch.dtype:
