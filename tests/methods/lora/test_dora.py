@@ -5,7 +5,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from conftest import ARCHS, inputs_for, lora_kwargs, max_diff, perturb_trainable
+from conftest import ARCHS, inputs_for, lora_kwargs, max_diff, perturb_trainable, tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import deltatune
@@ -243,7 +243,7 @@ def test_norm_is_computed_once_per_step_and_follows_every_change(monkeypatch):
     opt.step()
     model(x)
     assert calls[0] == 2  # the step changed A and B
-    assert max_diff(layer.lora_magnitude_vector["default"].norm, fresh_norm()) < 1e-5
+    assert max_diff(layer.lora_magnitude_vector["default"].norm_cache.value, fresh_norm()) < 1e-5
     with torch.no_grad():
         model(x)
     assert calls[0] == 2
@@ -254,12 +254,12 @@ def test_norm_is_computed_once_per_step_and_follows_every_change(monkeypatch):
     deltatune.set_peft_model_state_dict(model, state)  # loading copies into the parameters in place
     model(x)
     assert calls[0] == 4
-    assert max_diff(layer.lora_magnitude_vector["default"].norm, fresh_norm()) < 1e-5
+    assert max_diff(layer.lora_magnitude_vector["default"].norm_cache.value, fresh_norm()) < 1e-5
     layer.merge()
     layer.unmerge()
     model(x)
     assert calls[0] == 5  # merge reused the cached norm, and merge and unmerge dropped it: forward recomputes
-    assert max_diff(layer.lora_magnitude_vector["default"].norm, fresh_norm()) < 1e-5
+    assert max_diff(layer.lora_magnitude_vector["default"].norm_cache.value, fresh_norm()) < 1e-5
 
 
 class FullSizeTensors(TorchDispatchMode):
@@ -309,3 +309,70 @@ def test_clear_norm_cache_after_writes_that_bypass_version_counters():
     deltatune.set_peft_model_state_dict(fresh, deltatune.get_peft_model_state_dict(model))
     assert max_diff(model(x), fresh(x)) < 1e-6
     assert any(isinstance(m, DoraMagnitude) for m in model.modules())
+
+
+def test_a_norm_cached_in_inference_mode_is_not_reused_for_training():
+    model = deltatune.inject_adapter_in_model(deltatune.LoraConfig(**config_kwargs("linear", use_dora=True)),
+                                              holder("linear")).train()
+    x = layer_input("linear")
+    with torch.inference_mode():
+        model(x)  # an evaluation pass caches the norm as an inference tensor
+    model(x).sum().backward()  # which autograd cannot save: the training forward must compute its own
+    assert model.layer.lora_magnitude_vector["default"].weight.grad is not None
+
+
+class DataWritingSGD(torch.optim.Optimizer):
+    """Plain SGD that writes through `.data`, which leaves version counters alone: as an update that reaches the
+    parameters through other storage does (FSDP's optimizer steps a flat parameter the model's are views of)."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.data.add_(param.grad, alpha=-group["lr"])
+
+
+def test_norm_follows_optimizer_steps_that_version_counters_miss():
+    model = deltatune.inject_adapter_in_model(deltatune.LoraConfig(**config_kwargs("linear", use_dora=True)),
+                                              holder("linear")).train()
+    x = layer_input("linear")
+    opt = DataWritingSGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(x).pow(2).sum().backward()
+    opt.step()
+    fresh = deltatune.inject_adapter_in_model(deltatune.LoraConfig(**config_kwargs("linear", use_dora=True)),
+                                              holder("linear"))
+    deltatune.set_peft_model_state_dict(fresh, deltatune.get_peft_model_state_dict(model))
+    assert max_diff(model(x), fresh(x)) < 1e-6
+
+
+def test_norm_follows_optimizer_steps_under_fsdp(tmp_path):
+    """FSDP (use_orig_params=True, one CPU process over gloo): the optimizer updates the flat parameter, whose
+    views the model's parameters are, without touching their version counters."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from deltatune.methods.lora.dora import clear_norm_cache
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        config = deltatune.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"],
+                                      use_dora=True, init_lora_weights=False)
+        model = FullyShardedDataParallel(deltatune.get_peft_model(tiny_llama(), config).train(),
+                                         use_orig_params=True, device_id=torch.device("cpu"))
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        with torch.no_grad():
+            cached = model(input_ids=ids, labels=ids).loss
+            clear_norm_cache(model)
+            fresh = model(input_ids=ids, labels=ids).loss
+        assert abs(cached - fresh) < 1e-6
+    finally:
+        dist.destroy_process_group()

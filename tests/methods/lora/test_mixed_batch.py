@@ -61,16 +61,35 @@ def test_stacks_are_cached_and_rebuilt_after_weights_change():
     with torch.no_grad():
         model(ids, adapter_names=["a", "b", BASE])
         layer = model.base_model.model.model.layers[0].self_attn.q_proj
-        first = layer._mixed_cache[1][0]
+        first = layer._mixed_cache.value[0]
         model(ids, adapter_names=["a", "b", BASE])
-        assert layer._mixed_cache[1][0] is first
+        assert layer._mixed_cache.value[0] is first
         model(ids, adapter_names=["c", BASE, "c"])  # another mix of the loaded adapters: same stacks
-        assert layer._mixed_cache[1][0] is first
+        assert layer._mixed_cache.value[0] is first
         layer.lora_B["a"].weight.mul_(2)  # an in-place update (an optimizer step) bumps the version
         out = model(ids, adapter_names=["a", "b", BASE]).logits
-        assert layer._mixed_cache[1][0] is not first
+        assert layer._mixed_cache.value[0] is not first
         model.set_adapter("a")
         torch.testing.assert_close(out[:1], model(ids[:1]).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_stacks_follow_an_adapter_deleted_and_reloaded_under_its_name(tmp_path):
+    """A serving loop: the new adapter's factors (same shapes) may land at the freed addresses with equal version
+    counters, so addresses and versions alone cannot tell the old stacks from the new."""
+    model = mixed_model()
+    ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    expected = []
+    with torch.no_grad():
+        for version in range(2):
+            perturbed(model, seed=10 + version)
+            model.save_pretrained(tmp_path / str(version), selected_adapters=["a"])
+            expected.append(alone(model, "a", lambda: model(ids).logits))
+        for step in range(40):
+            if "x" in model.peft_config:
+                model.delete_adapter("x")
+            model.load_adapter(tmp_path / str(step % 2) / "a", adapter_name="x")
+            mixed = model(ids, adapter_names=["x", "x"]).logits
+            torch.testing.assert_close(mixed, expected[step % 2], atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_reach_each_rows_adapter():

@@ -11,11 +11,9 @@ Variants are kept out of the plain LoRA forward: a LoRA layer maps adapter names
 
 Cost. The forward never builds W + s B A: the base output is rescaled instead, with the LoRA branch fused into
 one addmm, out = g * (W x + s B A x) + (1 - g) * bias with g = m / ||W + s B A||. The norm needs one full copy
-of the weight, so it is computed once and cached on the adapter, keyed on the storage and version counter
-(`_version`) of W, A and B: every in-place change through autograd-visible ops (optimizer steps, copy_,
-load_state_dict) bumps the version, so the norm is recomputed after each optimizer step and reused by the
-micro-batches of a gradient-accumulation step and by activation-checkpointing recomputation. Writes that
-bypass version counters (`param.data.add_`, raw kernels) are not seen: call `clear_norm_cache` after them.
+of the weight, so it is computed once and cached on the adapter (derived.py): it is recomputed after each
+optimizer step or other change to W, A, B or the scaling, and reused by the micro-batches of a
+gradient-accumulation step and by activation-checkpointing recomputation.
 """
 
 from __future__ import annotations
@@ -25,6 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from deltatune.methods.lora.derived import DerivedCache
 
 if TYPE_CHECKING:
     from deltatune.methods.lora.layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
@@ -58,24 +58,19 @@ class DoraMagnitude(nn.Module):
     def __init__(self, magnitude: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(magnitude)
-        self.norm_key: tuple | None = None
-        self.norm: torch.Tensor | None = None
+        self.norm_cache = DerivedCache()
         # The norm the adapter was merged with: unmerging needs it, and it cannot be recomputed from merged weights.
         self.merged_norm: torch.Tensor | None = None
 
     def clear_norm_cache(self) -> None:
-        self.norm_key = self.norm = None
+        self.norm_cache.clear()
 
 
 def clear_norm_cache(model: nn.Module) -> None:
-    """Forget every cached DoRA norm in `model` (needed only after writes that bypass version counters)."""
+    """Forget every cached DoRA norm in `model` (needed only after writes the cache cannot see: derived.py)."""
     for module in model.modules():
         if isinstance(module, DoraMagnitude):
             module.clear_norm_cache()
-
-
-def _version_key(*tensors: torch.Tensor) -> tuple:
-    return tuple(v for t in tensors for v in (t.data_ptr(), t._version))
 
 
 def _plus_low_rank(w2: torch.Tensor, p: torch.Tensor, q: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -104,11 +99,12 @@ class _Dora(LoraVariant):
         """||W + s B A|| per output feature, detached, in the magnitude's shape; cached until W, A, B or s change."""
         magnitude = layer.lora_magnitude_vector[adapter_name]
         weight = layer.base_layer.weight
-        key = (layer.scaling[adapter_name], *_version_key(weight, *self.factors(layer, adapter_name)))
-        if magnitude.norm_key != key:
-            magnitude.norm = self._norm_of(layer, adapter_name, weight).view(magnitude.weight.shape)
-            magnitude.norm_key = key
-        return magnitude.norm
+        sources, scaling = (weight, *self.factors(layer, adapter_name)), layer.scaling[adapter_name]
+        norm = magnitude.norm_cache.get(sources, scaling)
+        if norm is None:
+            norm = self._norm_of(layer, adapter_name, weight).view(magnitude.weight.shape)
+            magnitude.norm_cache.put(sources, norm, scaling)
+        return norm
 
     def init(self, layer: LoraLayer, adapter_name: str) -> None:
         norm = self._norm_of(layer, adapter_name, layer.base_layer.weight)

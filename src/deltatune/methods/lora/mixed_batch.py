@@ -6,8 +6,8 @@ applies them with two batched matmuls, so the cost does not grow with the number
 there is no Python loop over sub-batches. Stacking every loaded adapter (not only the batch's) means any mix of
 adapters in the next request reuses the same stacks, as a serving loop needs; the price is one padded copy of
 the adapters' factors per layer, and the largest loaded rank sets the matmul size for every row. The stacks are
-cached per layer, keyed on the storage and version counter (`_version`) of each factor, so they are rebuilt
-after an optimizer step, a load or a hot-swap. With gradients enabled they are built afresh each call from the
+cached per layer (derived.py), so they are rebuilt after an optimizer step, a load, a hot-swap or an adapter
+deleted and another loaded under its name. With gradients enabled they are built afresh each call from the
 batch's adapters only (so gradients reach exactly those factors) and not cached.
 
 The rows reach the layers through `mixed_rows` on each LoRA layer (the batch's adapter names, each row's index
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from deltatune.layers import adapter_layers
+from deltatune.methods.lora.derived import DerivedCache
 
 if TYPE_CHECKING:
     from deltatune.methods.lora.layers import LoraLinear
@@ -142,11 +143,13 @@ def stacked_factors(layer: LoraLinear, names: tuple[str, ...], dtype: torch.dtyp
         p.requires_grad for n in names if n in mods_a for p in (mods_a[n].weight, mods_b[n].weight))
     factors = [(i + 1, mod._parameters["weight"], mods_b[n]._parameters["weight"], scaling[n])
                for i, (n, mod) in enumerate(mods_a.items()) if not grad or n in names]
-    key = (dtype, tuple((i, a.data_ptr(), a._version, b.data_ptr(), b._version, _scalar_key(s))
-                        for i, a, b, s in factors))
-    cached = layer.__dict__.get("_mixed_cache")
-    if not grad and cached is not None and cached[0] == key:
-        return cached[1]
+    sources = [t for _, a, b, s in factors for t in (a, b, s) if torch.is_tensor(t)]
+    key = (dtype, tuple((i, None if torch.is_tensor(s) else s) for i, _, _, s in factors))
+    cache = layer.__dict__.get("_mixed_cache")
+    if cache is None:
+        cache = layer._mixed_cache = DerivedCache()
+    if not grad and (cached := cache.get(sources, key)) is not None:
+        return cached
     rank = max((mod.weight.shape[0] for mod in mods_a.values()), default=1)
     weight = layer.base_layer.weight
     zero_a = torch.zeros(rank, layer.in_features, dtype=dtype, device=weight.device)
@@ -159,12 +162,8 @@ def stacked_factors(layer: LoraLinear, names: tuple[str, ...], dtype: torch.dtyp
             parts_b[i] = F.pad((b * s).to(dtype), (0, pad))
         stacks = torch.stack(parts_a), torch.stack(parts_b)
     if not grad:
-        layer._mixed_cache = (key, stacks)
+        cache.put(sources, stacks, key)
     return stacks
-
-
-def _scalar_key(scaling: float | torch.Tensor) -> Any:
-    return (scaling.data_ptr(), scaling._version) if torch.is_tensor(scaling) else scaling
 
 
 def mixed_forward(layer: LoraLinear, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
