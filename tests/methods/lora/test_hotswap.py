@@ -94,6 +94,18 @@ def test_larger_rank_than_prepared_is_refused_and_nothing_changes(adapters):
     torch.testing.assert_close(logits(model), before)
 
 
+def test_a_merged_adapter_is_refused_and_unmerges_to_the_base(adapters):
+    model = load(adapters["small"])
+    with model.disable_adapter():
+        base = logits(model)
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="'default' is merged.*unmerge_adapter"):
+        hotswap_adapter(model, adapters["subset"])
+    model.unmerge_adapter()
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model), base)
+
+
 def test_modules_not_in_the_loaded_adapter_are_refused(adapters):
     model = load(adapters["small"])
     with pytest.raises(AdapterLoadError, match="k_proj.*cannot add LoRA layers"):
@@ -171,3 +183,23 @@ def test_weighted_merge_of_padded_adapters_equals_the_unpadded_merge(adapters, c
         return logits(model)
 
     torch.testing.assert_close(merged(pad=True), merged(pad=False), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("combination", ["linear", "ties", "dare_linear", "magnitude_prune", "cat", "svd"])
+def test_weighted_merge_after_swapping_in_a_subset_adapter_matches_peft(adapters, combination):
+    """The swapped-in adapter leaves v_proj out (rank 0 there); peft keeps zero factors at the loaded rank."""
+    density = None if combination in ("linear", "cat", "svd") else 0.5
+
+    def merged(lib, swap) -> torch.Tensor:
+        model = lib.PeftModel.from_pretrained(tiny_llama(), adapters["small"]).eval()
+        model.load_adapter(adapters["small"], adapter_name="second")
+        swap(model, adapters["subset"], adapter_name="default")
+        torch.manual_seed(0)  # dare's random pruning draws alike in both libraries
+        model.add_weighted_adapter(["default", "second"], [0.6, 0.4], "mix", combination_type=combination,
+                                   density=density)
+        model.set_adapter("mix")
+        return logits(model)
+
+    from peft.utils.hotswap import hotswap_adapter as peft_hotswap
+
+    torch.testing.assert_close(merged(deltatune, hotswap_adapter), merged(peft, peft_hotswap), atol=1e-5, rtol=1e-5)

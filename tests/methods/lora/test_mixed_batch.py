@@ -166,6 +166,17 @@ def test_dora_and_other_methods_are_refused_by_name():
     model(ids, adapter_names=["a", BASE])  # the others still work beside them
 
 
+def test_training_with_gradient_checkpointing_is_refused():
+    model = mixed_model()
+    model.get_base_model().gradient_checkpointing_enable()
+    model.train()
+    ids = torch.randint(1, 128, (2, 5))
+    with pytest.raises(ValueError, match="gradient checkpointing.*gradient_checkpointing_disable"):
+        model(ids, adapter_names=["a", "b"])
+    with torch.no_grad():  # nothing is recomputed without a backward pass
+        model(ids, adapter_names=["a", "b"])
+
+
 def test_merged_adapters_are_refused():
     model = mixed_model()
     model.merge_adapter(["a"])

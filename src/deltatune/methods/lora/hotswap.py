@@ -95,6 +95,9 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike, ada
         raise ValueError(
             f"No adapter named {adapter_name!r} to hot-swap. Loaded adapters: {sorted(model.peft_config)}."
         )
+    if any(adapter_name in layer.merged_adapters for _, layer in _lora_layers(model, adapter_name)):
+        raise ValueError(f"Adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() before "
+                         "hot-swapping it (a swap now would leave the old adapter merged in for good).")
     old_config = model.peft_config[adapter_name]
     directory = resolve_adapter_dir(model_name_or_path)
     config = PeftConfig.from_pretrained(directory)

@@ -352,6 +352,11 @@ def _fill_layers(model: PeftModel, adapters: list[str], weights: list[float], ad
             factors_a, factors_b = zip(*(_factors(layer, name) for name, _ in present), strict=True)
             factors_a = [f.detach() for f in factors_a]
             factors_b = [f.detach() for f in factors_b]
+            if combination not in ("cat", *SVD_TYPES):
+                # An adapter hot-swapped for one that leaves this layer out has rank 0 here; as in peft, it takes
+                # part as zero factors of its configured rank.
+                factors_a = [a if a.shape[0] else a.new_zeros(rank, a.shape[1]) for a in factors_a]
+                factors_b = [b if b.shape[1] else b.new_zeros(b.shape[0], rank) for b in factors_b]
             ws = [w for _, w in present]
             scalings = [layer.scaling[name] for name, _ in present]
             if combination == "cat":

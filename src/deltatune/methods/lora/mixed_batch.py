@@ -111,6 +111,11 @@ def _check_request(peft_model: PeftModel, adapter_names: Sequence[str], batch_si
         if config.modules_to_save:
             raise ValueError(f"Adapter {name!r} has modules_to_save {config.modules_to_save}, which mixed-adapter "
                              "batches do not support.")
+    base = peft_model.get_base_model()
+    if torch.is_grad_enabled() and base.training and getattr(base, "is_gradient_checkpointing", False):
+        raise ValueError("Mixed-adapter batches cannot train with gradient checkpointing: its backward pass reruns "
+                         "the forward after the rows' adapter routing has ended. Call gradient_checkpointing_disable() "
+                         "or run the batch without gradients.")
     if peft_model._adapters_disabled:
         raise ValueError("adapter_names cannot be used inside disable_adapter(); pass '__base__' rows instead.")
     return names
