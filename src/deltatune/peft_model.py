@@ -284,6 +284,16 @@ class PeftModel(nn.Module):
             return prompt_learning.prefix_inputs(model, config, table, kwargs)
         return prompt_learning.embedding_inputs(model, config, table, kwargs)
 
+    def _generate_mixed(self, adapter_names: list[str], args: tuple, kwargs: dict[str, Any]) -> Any:
+        """generate() with one LoRA adapter per input row; generate() repeats a row for each beam or returned
+        sequence, and its adapter with it (an encoder-decoder's encoder sees each row once)."""
+        model = self.get_base_model()
+        expand = generation_expansion(model, kwargs)
+        # generate() runs without gradients anyway; entering the block without them too lets the layers take their
+        # adapter stacks once for the whole call.
+        with torch.no_grad(), mixed_adapter_rows(self, adapter_names, batch_size_of(args, kwargs), repeat=expand):
+            return model.generate(*args, **kwargs)
+
     def _generate_with_prefix(self, kwargs: dict[str, Any]) -> Any:
         """transformers' generate() with the prefix as the starting KV cache of the (decoder's) self-attention.
 
@@ -425,12 +435,7 @@ class PeftModelForCausalLM(PeftModel):
         step's attentions and hidden states, and the returned cache, include the virtual tokens; with a prefix
         adapter the returned cache starts with the prefix."""
         if adapter_names is not None:
-            model = self.get_base_model()
-            expand = generation_expansion(model, kwargs)
-            # generate() runs without gradients anyway; entering the block without them too lets the layers take
-            # their adapter stacks once for the whole call.
-            with torch.no_grad(), mixed_adapter_rows(self, adapter_names, batch_size_of(args, kwargs), repeat=expand):
-                return model.generate(*args, **kwargs)
+            return self._generate_mixed(adapter_names, args, kwargs)
         if not self._prompt_active:
             return self.get_base_model().generate(*args, **kwargs)
         kwargs = _prompt_generate_kwargs(args, kwargs)
@@ -453,8 +458,11 @@ class PeftModelForCausalLM(PeftModel):
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
-    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """transformers' generate(); a prefix adapter goes in as the decoder's starting KV cache."""
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> torch.Tensor:
+        """transformers' generate(); a prefix adapter goes in as the decoder's starting KV cache. With
+        adapter_names (one per input row), each row generates with its own LoRA adapter."""
+        if adapter_names is not None:
+            return self._generate_mixed(adapter_names, args, kwargs)
         if not self._prompt_active:
             return self.get_base_model().generate(*args, **kwargs)
         kwargs = _prompt_generate_kwargs(args, kwargs)

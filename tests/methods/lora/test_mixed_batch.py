@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_llama, tiny_t5
 
 import deltatune
 from deltatune.methods.lora.mixed_batch import BASE
@@ -116,6 +116,34 @@ def test_generate_rows_match_single_adapter_runs(num_beams):
             expected = alone(model, name, lambda row=row: model.generate(
                 input_ids=row, attention_mask=torch.ones_like(row), **kwargs))
             assert torch.equal(mixed[i:i + 1, :expected.shape[1]], expected), name
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_seq2seq_generate_rows_match_single_adapter_runs(num_beams):
+    """The encoder sees each row once, the decoder once per beam: both get their rows' adapters."""
+    model = None
+    for name, r in (("a", 4), ("b", 2)):
+        config = deltatune.LoraConfig(task_type="SEQ_2_SEQ_LM", r=r, lora_alpha=2 * r, target_modules=["q", "v"])
+        if model is None:
+            model = deltatune.get_peft_model(tiny_t5(), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "lora_B" in param_name:
+                param.copy_(torch.randn(param.shape, generator=g))
+    model.eval()
+    rows = ["a", BASE, "b"]
+    ids = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(1)).repeat(len(rows), 1)
+    kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=num_beams, num_return_sequences=num_beams)
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, adapter_names=rows, **kwargs)
+        for i, name in enumerate(rows):
+            expected = alone(model, name, lambda: model.generate(input_ids=ids[:1], **kwargs))
+            got = mixed[i * num_beams:(i + 1) * num_beams]
+            assert torch.equal(got[:, :expected.shape[1]], expected), name
+    assert len({tuple(row.tolist()) for row in mixed[::num_beams]}) == len(rows)  # the adapters change the output
 
 
 def test_generate_with_several_return_sequences_repeats_the_rows():

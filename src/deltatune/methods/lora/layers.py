@@ -131,8 +131,9 @@ class LoraLinear(LoraLayer):
     """LoRA on nn.Linear, or on transformers' Conv1D whose weight is stored (in, out): fan_in_fan_out."""
 
     dora_variant = DoraLinear()
-    # (adapter names, per-row index tensor, stacks or None) while a mixed-adapter batch runs; see mixed_batch.py.
-    mixed_rows: tuple[tuple[str, ...], torch.Tensor, tuple[torch.Tensor, ...] | None] | None = None
+    # (adapter names, {batch size: per-row index tensor}, stacks or None) while a mixed-adapter batch runs; see
+    # mixed_batch.py.
+    mixed_rows: tuple[tuple[str, ...], dict[int, torch.Tensor], tuple[torch.Tensor, ...] | None] | None = None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)

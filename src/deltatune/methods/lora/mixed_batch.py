@@ -11,9 +11,9 @@ deleted and another loaded under its name. With gradients enabled they are built
 batch's adapters only (so gradients reach exactly those factors) and not cached.
 
 The rows reach the layers through `mixed_rows` on each LoRA layer (the batch's adapter names, each row's index
-into that layer's stack, and the stacks themselves when the call runs without gradients), set for the duration
-of one call by `mixed_adapter_rows` (no patching of transformers); a layer whose `mixed_rows` is set skips its
-active-adapter path.
+into that layer's stack by batch size, and the stacks themselves when the call runs without gradients), set for
+the duration of one call by `mixed_adapter_rows` (no patching of transformers); a layer whose `mixed_rows` is set
+skips its active-adapter path.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def mixed_adapter_rows(peft_model: PeftModel, adapter_names: Sequence[str], batc
         if dropped:
             raise ValueError(f"Mixed-adapter batches do not apply dropout; adapter(s) {dropped} use it in "
                              "training mode. Call model.eval() or use adapters without lora_dropout.")
-    rows_by_slots: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+    rows_by_slots: dict[tuple[tuple[str, ...], torch.device], dict[int, torch.Tensor]] = {}
     lora_layers = [layer for layer in layers if isinstance(layer, LoraLinear)]
     # Without gradients (inference, generate()), each layer's stacks are looked up once for the whole call rather
     # than checked against the weights in every forward: generate() runs one forward per new token.
@@ -69,8 +69,10 @@ def mixed_adapter_rows(peft_model: PeftModel, adapter_names: Sequence[str], batc
         slots, device = tuple(layer.lora_A), layer.base_layer.weight.device
         if (slots, device) not in rows_by_slots:  # layers with the same adapters share one index tensor
             index = {name: i + 1 for i, name in enumerate(slots)}
-            rows = torch.tensor([index.get(name, 0) for name in adapter_names]).repeat_interleave(repeat)
-            rows_by_slots[slots, device] = rows.to(device)
+            rows = torch.tensor([index.get(name, 0) for name in adapter_names])
+            # An encoder-decoder's encoder sees the batch once, its decoder each row `repeat` times.
+            rows_by_slots[slots, device] = {len(rows): rows.to(device),
+                                            len(rows) * repeat: rows.repeat_interleave(repeat).to(device)}
         stacks = stacked_factors(layer, tuple(names), _factor_dtype(layer)) if once else None
         layer.mixed_rows = (tuple(names), rows_by_slots[slots, device], stacks)
     # Everything else (other methods' layers, modules_to_save copies) runs as the bare model for every row;
@@ -173,11 +175,13 @@ def stacked_factors(layer: LoraLinear, names: tuple[str, ...], dtype: torch.dtyp
 
 def mixed_forward(layer: LoraLinear, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """`result` plus, for each row of `x`, that row's adapter: two batched matmuls over gathered factors."""
-    names, rows, stacks = layer.mixed_rows
-    if x.shape[0] != rows.shape[0]:
+    names, rows_by_size, stacks = layer.mixed_rows
+    rows = rows_by_size.get(x.shape[0])
+    if rows is None:
         raise ValueError(
-            f"A mixed-adapter batch was set up for {rows.shape[0]} rows, but a layer got {x.shape[0]}; "
-            "the model changed the batch size (beam search or num_return_sequences outside generate()?)."
+            f"A mixed-adapter batch was set up for {' or '.join(map(str, sorted(rows_by_size)))} rows, but a layer "
+            f"got {x.shape[0]}; the model changed the batch size (beam search or num_return_sequences outside "
+            "generate()?)."
         )
     if stacks is None or torch.is_grad_enabled():
         stacks = stacked_factors(layer, names, _factor_dtype(layer))
