@@ -42,7 +42,8 @@ class LoraVariant:
         raise NotImplementedError
 
     def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """The layer's output with this adapter applied on top of `result` (the base and earlier adapters)."""
+        """The layer's output with this adapter applied on top of `result` (the base and earlier adapters), in the
+        adapter's dtype: the layer rounds back to the base's dtype once, after all its adapters, as peft does."""
         raise NotImplementedError
 
     def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -184,7 +185,7 @@ class DoraLinear(_Dora):
             result2 = result.reshape(-1, out_shape[-1]).to(x.dtype)
             z = torch.addmm(result2, lora_A(x).reshape(-1, lora_B.in_features), lora_B.weight.T, alpha=scaling)
             out = _rescaled(z, g, layer.base_layer.bias, (-1,))
-        return out.view(out_shape).to(result.dtype)
+        return out.view(out_shape)
 
 
 class DoraEmbedding(_Dora):
@@ -207,7 +208,7 @@ class DoraEmbedding(_Dora):
         dim = result.shape[-1]
         z = torch.addmm(result.reshape(-1, dim).to(a.dtype), after_a.reshape(-1, a.shape[0]), b.T,
                         alpha=layer.scaling[adapter_name])
-        return (z * g).view(result.shape).to(result.dtype)
+        return (z * g).view(result.shape)
 
 
 class DoraConv(_Dora):
@@ -235,4 +236,4 @@ class DoraConv(_Dora):
         else:
             z = torch.add(result.to(x.dtype), lora_B(lora_A(x)), alpha=scaling)
             out = _rescaled(z, g, base_layer.bias, g.shape)
-        return out.to(result.dtype)
+        return out

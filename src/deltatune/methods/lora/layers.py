@@ -31,14 +31,13 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
 
 def add_scaled_product(result: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, scaling: float | torch.Tensor
                        ) -> torch.Tensor:
-    """result + scaling * h @ weight.T as one addmm over the flattened rows: the product is accumulated into the
-    output instead of written, scaled and added in three passes over an output-sized tensor. A half-precision
-    result is added in the factors' dtype and rounded once, as peft does."""
+    """result + scaling * h @ weight.T in h's dtype, as one addmm over the flattened rows: the product is
+    accumulated into the output instead of written, scaled and added in three passes over an output-sized tensor."""
     if torch.is_tensor(scaling):  # hot-swap keeps scaling as a tensor; scale the rank-sized operand instead
         h, scaling = h * scaling, 1
     out = torch.addmm(result.reshape(-1, result.shape[-1]).to(h.dtype), h.reshape(-1, h.shape[-1]), weight.T,
                       alpha=scaling)
-    return out.view(result.shape).to(result.dtype)
+    return out.view(result.shape)
 
 
 class LoraLayer(AdapterLayer):
@@ -156,6 +155,7 @@ class LoraLinear(LoraLayer):
             return mixed_forward(self, x, result)
         if self.use_base_only():
             return result
+        dtype = result.dtype
         for name in self.active_adapters:
             variant = self.lora_variant.get(name)
             if variant is not None:
@@ -164,7 +164,7 @@ class LoraLinear(LoraLayer):
             lora_A = self.lora_A[name]
             h = lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))
             result = add_scaled_product(result, h, self.lora_B[name].weight, self.scaling[name])
-        return result
+        return result.to(dtype)
 
 
 class LoraEmbedding(LoraLayer):
@@ -197,7 +197,7 @@ class LoraEmbedding(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.use_base_only():
             return result
-        base = self.base_layer
+        base, dtype = self.base_layer, result.dtype
         for name in self.active_adapters:
             variant = self.lora_variant.get(name)
             if variant is not None:
@@ -206,8 +206,8 @@ class LoraEmbedding(LoraLayer):
             a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
             after_a = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type,
                                   base.scale_grad_by_freq, base.sparse)
-            result = result + ((after_a @ b.T) * self.scaling[name]).to(result.dtype)
-        return result
+            result = result + (after_a @ b.T) * self.scaling[name]  # in the adapter's dtype: rounded once below
+        return result.to(dtype)
 
 
 class LoraConv(LoraLayer):
@@ -237,6 +237,7 @@ class LoraConv(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.use_base_only():
             return result
+        dtype = result.dtype
         for name in self.active_adapters:
             variant = self.lora_variant.get(name)
             if variant is not None:
@@ -244,8 +245,8 @@ class LoraConv(LoraLayer):
                 continue
             lora_A = self.lora_A[name]
             h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
-            result = result + (self.lora_B[name](lora_A(h)) * self.scaling[name]).to(result.dtype)
-        return result
+            result = result + self.lora_B[name](lora_A(h)) * self.scaling[name]  # in the adapter's dtype
+        return result.to(dtype)
 
 
 def pattern_value(patterns: dict, module_name: str, default):
