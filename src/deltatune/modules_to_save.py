@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 
@@ -23,6 +24,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.tied_to: str | None = None
+        # {batch size: adapter name per row} while a mixed-adapter batch runs (methods/lora/mixed_batch.py)
+        self.mixed_rows: dict[int, list[str]] | None = None
 
     def add_copy(self, adapter_name: str, shared_from: tuple[nn.Module, nn.Module] | None = None) -> None:
         """`shared_from` is (owner's original, owner's copy) for a module tied to another target."""
@@ -52,7 +55,31 @@ class ModulesToSaveWrapper(nn.Module):
             yield from self.modules_to_save[adapter_name].named_parameters()
 
     def forward(self, *args, **kwargs):
+        if self.mixed_rows is not None:
+            return self._mixed_forward(*args, **kwargs)
         return self.active_module()(*args, **kwargs)
+
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row of `x` through its adapter's copy, or the original where that adapter has none: one call per
+        distinct module, as peft does (these are heads and embeddings, not worth a gathered matmul)."""
+        names = self.mixed_rows.get(x.shape[0])
+        if names is None:
+            raise ValueError(f"A mixed-adapter batch was set up for {' or '.join(map(str, sorted(self.mixed_rows)))} "
+                             f"rows, but a modules_to_save module got {x.shape[0]}.")
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(names):
+            groups.setdefault(name if name in self.modules_to_save else "", []).append(row)
+        modules = {name: self.modules_to_save[name] if name else self.original_module for name in groups}
+        if len(groups) == 1:
+            return modules[next(iter(groups))](x, *args, **kwargs)
+        out = None
+        for name, rows in groups.items():
+            index = torch.tensor(rows, device=x.device)
+            part = modules[name](x.index_select(0, index), *args, **kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out = out.index_copy(0, index, part)  # out of place: autograd takes each part's gradient back
+        return out
 
     # transformers reads `.weight` of input/output embeddings (resize, tying checks, generation).
     @property

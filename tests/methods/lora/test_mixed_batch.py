@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import peft
 import pytest
 import torch
-from conftest import tiny_llama, tiny_t5
+from conftest import tiny_bert, tiny_llama, tiny_t5
 
 import deltatune
 from deltatune.methods.lora.mixed_batch import BASE
@@ -166,6 +167,45 @@ def test_generate_takes_each_layers_stacks_once_per_call(monkeypatch):
     model.generate(input_ids=ids, adapter_names=["a", BASE, "c"], max_new_tokens=5, do_sample=False, pad_token_id=0)
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
     assert len(calls) == len(layers)  # not once per generated token
+
+
+def test_classification_rows_take_their_adapters_head_as_in_peft():
+    """SEQ_CLS adapters keep a copy of the classifier (modules_to_save): each row goes through its adapter's copy,
+    "__base__" rows through the original head."""
+
+    def build(lib):
+        model = None
+        for name, r in (("a", 4), ("b", 2)):
+            config = lib.LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=8, target_modules=["query", "value"])
+            if model is None:
+                model = lib.get_peft_model(tiny_bert(), config, adapter_name=name)
+            else:
+                model.add_adapter(name, config)
+        return model.eval()
+
+    theirs, ours = build(peft), build(deltatune)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.copy_(torch.randn(param.shape, generator=g))
+    for name in ("a", "b"):
+        state = peft.get_peft_model_state_dict(theirs, adapter_name=name)
+        assert any("classifier" in key for key in state)
+        deltatune.set_peft_model_state_dict(ours, state, adapter_name=name)
+    rows = ["a", BASE, "b", "a"]
+    ids = torch.randint(1, 64, (len(rows), 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mixed = ours(input_ids=ids, adapter_names=rows).logits
+        torch.testing.assert_close(mixed, theirs(input_ids=ids, adapter_names=rows).logits, atol=1e-5, rtol=1e-5)
+        for i, name in enumerate(rows):
+            expected = alone(ours, name, lambda i=i: ours(input_ids=ids[i:i + 1]).logits)
+            torch.testing.assert_close(mixed[i:i + 1], expected, atol=1e-5, rtol=1e-5)
+    ours.train()
+    ours(input_ids=ids, adapter_names=["a", BASE, "a", BASE]).logits.sum().backward()
+    head = ours.base_model.model.classifier
+    assert head.modules_to_save["a"].weight.grad.abs().sum() > 0
+    assert head.modules_to_save["b"].weight.grad is None
 
 
 def test_unknown_adapter_lists_the_loaded_ones():

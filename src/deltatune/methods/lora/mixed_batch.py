@@ -75,19 +75,21 @@ def mixed_adapter_rows(peft_model: PeftModel, adapter_names: Sequence[str], batc
                                             len(rows) * repeat: rows.repeat_interleave(repeat).to(device)}
         stacks = stacked_factors(layer, tuple(names), _factor_dtype(layer)) if once else None
         layer.mixed_rows = (tuple(names), rows_by_slots[slots, device], stacks)
-    # Everything else (other methods' layers, modules_to_save copies) runs as the bare model for every row;
-    # LoRA Linear layers take the mixed path and need no flag.
+    # modules_to_save copies take each row's adapter's copy; other methods' layers run as the bare model.
+    wrappers = [wrapper for _, wrapper in injection.wrappers(model)]
+    per_row = list(adapter_names)
+    for wrapper in wrappers:
+        wrapper.mixed_rows = {len(per_row): per_row, len(per_row) * repeat: [n for n in per_row for _ in range(repeat)]}
     others = [layer for layer in layers if not isinstance(layer, LoraLinear)]
-    others += [wrapper for _, wrapper in injection.wrappers(model)]
-    for module in others:
-        module.disabled = True
+    for layer in others:
+        layer.disabled = True
     try:
         yield
     finally:
-        for module in others:
-            module.disabled = False
-        for layer in lora_layers:
-            layer.mixed_rows = None
+        for layer in others:
+            layer.disabled = False
+        for module in (*lora_layers, *wrappers):
+            module.mixed_rows = None
 
 
 def _check_request(peft_model: PeftModel, adapter_names: Sequence[str], batch_size: int) -> list[str]:
@@ -110,9 +112,6 @@ def _check_request(peft_model: PeftModel, adapter_names: Sequence[str], batch_si
                              "LoRA adapters only.")
         if config.use_dora:
             raise ValueError(f"Adapter {name!r} uses DoRA; mixed-adapter batches support plain LoRA only.")
-        if config.modules_to_save:
-            raise ValueError(f"Adapter {name!r} has modules_to_save {config.modules_to_save}, which mixed-adapter "
-                             "batches do not support.")
     base = peft_model.get_base_model()
     if torch.is_grad_enabled() and base.training and getattr(base, "is_gradient_checkpointing", False):
         raise ValueError("Mixed-adapter batches cannot train with gradient checkpointing: its backward pass reruns "
