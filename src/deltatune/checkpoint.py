@@ -25,7 +25,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PROMPT_KEY = "prompt_embeddings"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 MODEL_CARD_NAME = "README.md"
-# Layer names for which peft also saves the base weights of an adapted layer (see _peft_embedding_base_weights).
+# Layer names for which peft also saves the base weights of an adapted layer (see peft_embedding_base_weights).
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
@@ -101,7 +101,7 @@ def _peft_wrapper_bias_copies(model: nn.Module, adapter_name: str) -> dict[str, 
     return out
 
 
-def _peft_embedding_base_weights(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+def peft_embedding_base_weights(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
     """Base weights peft writes beside the adapter when it adapts a layer named embed_tokens or lm_head (peft's
     `save_embedding_layers="auto"`, for a vocabulary resized before training), under `<layer>.base_layer.weight`.
 
@@ -141,7 +141,7 @@ def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default", b
     out = {k: p.detach() for k, p in _file_parameter_map(model, adapter_name, bias, saving=True).items()}
     if _bias_option(model, adapter_name, bias) == "all":
         out.update({k: p.detach() for k, p in _peft_wrapper_bias_copies(model, adapter_name).items()})
-    out.update({k: p.detach() for k, p in _peft_embedding_base_weights(model, adapter_name).items()})
+    out.update({k: p.detach() for k, p in peft_embedding_base_weights(model, adapter_name).items()})
     encoder = _prompt_encoder(model, adapter_name)
     if encoder is not None:
         with torch.no_grad():
@@ -165,7 +165,7 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     if _bias_option(model, adapter_name, bias) == "all":
         copies = _peft_wrapper_bias_copies(model, adapter_name)
         state_dict = {k: v for k, v in state_dict.items() if k not in copies}
-    optional = _peft_embedding_base_weights(model, adapter_name)
+    optional = peft_embedding_base_weights(model, adapter_name)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected) - set(optional))
     if strict and (missing or unexpected):

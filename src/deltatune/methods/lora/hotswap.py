@@ -19,7 +19,12 @@ import os
 import torch
 from torch import nn
 
-from deltatune.checkpoint import AdapterLoadError, adapter_parameter_map, load_adapter_weights
+from deltatune.checkpoint import (
+    AdapterLoadError,
+    adapter_parameter_map,
+    load_adapter_weights,
+    peft_embedding_base_weights,
+)
 from deltatune.config import PeftConfig
 from deltatune.layers import adapter_layers
 from deltatune.methods.lora.layers import LoraEmbedding, LoraLayer, lora_scaling, pattern_value
@@ -108,13 +113,22 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike, ada
                              f"adapter is {what}.")
     state_dict, path = load_adapter_weights(directory)
     live = adapter_parameter_map(model, adapter_name)
-    unknown = sorted(set(state_dict) - set(live))
+    # peft writes the base weights of an adapted embed_tokens / lm_head beside the adapter; they go into the frozen
+    # base layer in place, as a load would put them.
+    base_weights = {k: p for k, p in peft_embedding_base_weights(model, adapter_name).items() if k in state_dict}
+    for key, param in base_weights.items():
+        if state_dict[key].shape != param.shape:
+            raise AdapterLoadError(f"{key} in {path} has shape {tuple(state_dict[key].shape)}, the model "
+                                   f"{tuple(param.shape)}: hot-swapping cannot resize the vocabulary.")
+    unknown = sorted(set(state_dict) - set(live) - set(base_weights))
     if unknown:
         raise AdapterLoadError(
             f"{path} adapts modules that adapter {adapter_name!r} does not ({len(unknown)} keys, e.g. "
             f"{unknown[:5]}); hot-swapping cannot add LoRA layers. Load it with load_adapter instead."
         )
     updates, ranks = _checked_updates(model, adapter_name, state_dict, path)
+    updates += [(param, state_dict[key].to(device=param.device, dtype=param.dtype))
+                for key, param in base_weights.items()]
     with torch.no_grad():
         for param, tensor in updates:
             param.zero_()
