@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import peft
 import pytest
 import torch
 from conftest import ARCHS, inputs_for, logits, lora_kwargs, max_diff, perturb_trainable, tiny_llama
@@ -188,7 +189,7 @@ def sgd_step(model, inputs, lr: float = 0.5) -> None:
 
 def test_tied_lm_head_copy_stays_tied_through_train_save_load_merge(tmp_path):
     inputs = inputs_for("llama")
-    config = deltatune.LoraConfig(**lora_kwargs("llama", modules_to_save=["lm_head"]))
+    config = deltatune.LoraConfig(**lora_kwargs("llama", modules_to_save=["lm_head"], ensure_weight_tying=True))
     model = deltatune.get_peft_model(tiny_llama(tie=True), config)
     inner = model.get_base_model()
     embed, head = inner.get_input_embeddings(), inner.lm_head
@@ -216,6 +217,28 @@ def test_tied_lm_head_copy_stays_tied_through_train_save_load_merge(tmp_path):
     assert merged.get_input_embeddings().weight is merged.lm_head.weight
     assert torch.equal(merged.lm_head.weight, trained)
     assert max_diff(logits(merged, inputs), expected) < TOL
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_tied_module_to_save_is_untied_by_default_as_in_peft(tmp_path, method, target):
+    """Without ensure_weight_tying the copy trains apart from its tied partner: the same file gives the same logits
+    in both libraries, both ways."""
+    inputs = inputs_for("llama")
+
+    def config(lib):
+        if method == "lora":
+            return lib.LoraConfig(**lora_kwargs("llama", modules_to_save=[target]))
+        return lib.IA3Config(task_type="CAUSAL_LM", modules_to_save=[target])
+
+    for source, dest in ((deltatune, peft), (peft, deltatune)):
+        with pytest.warns(UserWarning):  # both libraries say that the tie is broken
+            model = source.get_peft_model(tiny_llama(tie=True), config(source))
+        perturb_trainable(model)
+        model.eval()
+        model.save_pretrained(tmp_path / source.__name__)
+        loaded = dest.PeftModel.from_pretrained(tiny_llama(tie=True), tmp_path / source.__name__).eval()
+        assert max_diff(logits(loaded, inputs), logits(model, inputs)) < TOL, (source.__name__, dest.__name__)
 
 
 def test_train_and_eval_reach_the_base_model():

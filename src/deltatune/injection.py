@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import warnings
 from collections.abc import Iterator
 
 from torch import nn
@@ -181,13 +182,30 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> P
             f"Module names that exist: "
             f"{_leaf_names(model)}"
         )
+    tie = getattr(resolved, "ensure_weight_tying", False)
+    if tie:
+        _refuse_tied_targets(model, adapter_name)
     if getattr(resolved, "modules_to_save", None):
-        add_modules_to_save(model, resolved.modules_to_save, adapter_name)
+        add_modules_to_save(model, resolved.modules_to_save, adapter_name, tie=tie)
     return resolved
 
 
-def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -> None:
-    """Give each named module a trainable copy for this adapter; tied partners share the copy's weights."""
+def _refuse_tied_targets(model: nn.Module, adapter_name: str) -> None:
+    for name, layer in adapter_layers(model):
+        if adapter_name in layer.adapter_names and next(_tied_partners(model, layer.base_layer), None) is not None:
+            raise ValueError(
+                f"ensure_weight_tying=True with a LoRA target ({name}) whose weight is tied to another module: "
+                "deltatune ties modules_to_save copies only. Put that module in modules_to_save instead, or set "
+                "ensure_weight_tying=False."
+            )
+
+
+def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, tie: bool = False) -> None:
+    """Give each named module a trainable copy for this adapter.
+
+    A module whose weight the model ties to another's (lm_head and embed_tokens) gets an untied copy, as in peft
+    by default: the partner keeps the original weight. With `tie` (LoraConfig's ensure_weight_tying) the partner
+    is wrapped too and shares the copy's weights, so tying holds through training, saving and merging."""
     found = False
     for name, _ in list(_user_modules(model)):
         if not any(_ends_with(name, key) for key in names):
@@ -199,6 +217,14 @@ def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -
             _replace(model, name, wrapper)
         if adapter_name in wrapper.modules_to_save:
             continue  # already added as the tied partner of an earlier target
+        if not tie:
+            wrapper.add_copy(adapter_name)
+            partners = [n for n, _ in _tied_partners(model, wrapper.original_module, skip=wrapper)]
+            if partners:
+                warnings.warn(f"{name} shares its weight with {partners}: its modules_to_save copy is trained apart "
+                              "and the tie is broken, as in peft. Set ensure_weight_tying=True (LoraConfig) to keep "
+                              "them tied.", stacklevel=3)
+            continue
         wrapper.add_copy(adapter_name, shared_from=_tied_owner(model, wrapper, adapter_name))
         _wrap_tied_partners(model, name, wrapper, adapter_name, names)
     if not found:
@@ -219,17 +245,24 @@ def _tied_owner(model: nn.Module, wrapper: ModulesToSaveWrapper, adapter_name: s
     return None
 
 
+def _tied_partners(model: nn.Module, original: nn.Module, skip: nn.Module | None = None
+                   ) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of the other modules that own a parameter of `original` (an input embedding tied to
+    lm_head); a modules_to_save wrapper is judged by its original module."""
+    params = {id(p) for p in original.parameters()}
+    for name, module in list(_user_modules(model)):
+        if module is skip or module is original or isinstance(module, AdapterLayer):
+            continue
+        inner = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        if inner is not original and _direct_parameter_ids(inner) & params:
+            yield name, module
+
+
 def _wrap_tied_partners(
     model: nn.Module, owner_name: str, owner: ModulesToSaveWrapper, adapter_name: str, requested: list[str]
 ) -> None:
     """Wrap the modules that own a parameter tied to the owner's (an input embedding tied to lm_head)."""
-    owner_params = {id(p) for p in owner.original_module.parameters()}
-    for name, module in list(_user_modules(model)):
-        if module is owner or isinstance(module, AdapterLayer):
-            continue
-        original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
-        if not _direct_parameter_ids(original) & owner_params:
-            continue
+    for name, module in _tied_partners(model, owner.original_module, skip=owner):
         wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
         if wrapper is not module:
             _replace(model, name, wrapper)

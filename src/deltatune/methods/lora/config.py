@@ -94,7 +94,7 @@ class LoraConfig(PeftConfig):
     # DoRA: W' = m * (W + s B A) / ||W + s B A|| per output feature, m trainable (methods/lora/dora.py).
     use_dora: bool = False
     init_lora_weights: bool | str = True
-    # deltatune always keeps tied modules_to_save copies tied; the key is kept for file compatibility.
+    # With tied weights (lm_head and embed_tokens), a modules_to_save copy of one keeps the other tied to it.
     ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
