@@ -7,7 +7,6 @@ Module names are relative to the model passed in, as in peft's matching rules.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 import warnings
 from collections.abc import Iterator
@@ -153,7 +152,10 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> P
     if method.prepare_config is not None:
         config = method.prepare_config(model, config)
     targets = resolve_targets(model, config, method)
-    resolved = dataclasses.replace(copy.deepcopy(config), target_modules=targets)
+    # Set, not dataclasses.replace: the config was checked as the user wrote it, and re-running its checks on the
+    # expanded names would compare them with the unexpanded ones (IA3's feedforward_modules subset check).
+    resolved = copy.deepcopy(config)
+    resolved.target_modules = targets
     matched = 0
     for name, module in list(_user_modules(model)):
         if not is_target(name, resolved, targets):

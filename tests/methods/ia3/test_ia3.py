@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 
+import peft
 import pytest
 import torch
-from conftest import ARCHS
+from conftest import ARCHS, inputs_for, logits, max_diff, perturb_trainable
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -89,6 +90,21 @@ def test_defaults_come_from_the_architecture_table(arch):
     config = peft_model.peft_config["default"]
     targets, feedforward = IA3_DEFAULTS[model.config.model_type]
     assert (sorted(config.target_modules), config.feedforward_modules) == (sorted(targets), sorted(feedforward))
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "gpt2", "t5"])
+def test_all_linear_matches_peft(arch):
+    """The default feedforward names (GPT-2's "mlp.c_proj", BERT's "output.dense") stay valid once "all-linear"
+    is expanded to leaf names."""
+    factory, task = ARCHS[arch][:2]
+    theirs = peft.get_peft_model(factory(), peft.IA3Config(task_type=task, target_modules="all-linear"))
+    ours = deltatune.get_peft_model(factory(), deltatune.IA3Config(task_type=task, target_modules="all-linear"))
+    perturb_trainable(theirs)
+    state = peft.get_peft_model_state_dict(theirs)
+    assert any(v.shape[0] == 1 for v in state.values())  # some vectors scale a feedforward input
+    deltatune.set_peft_model_state_dict(ours, state)
+    inputs = inputs_for(arch)
+    assert max_diff(logits(ours.eval(), inputs), logits(theirs.eval(), inputs)) < 1e-5
 
 
 def test_default_feedforward_modules_keep_only_targeted_ones():
