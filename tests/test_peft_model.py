@@ -109,6 +109,19 @@ def test_two_adapters_switch_without_reloading_the_base():
     assert model.active_adapters == ["default"]
 
 
+def test_an_adapter_added_after_deleting_the_last_one_is_active():
+    model = peft_model("llama")
+    model.delete_adapter("default")
+    model.add_adapter("new", deltatune.LoraConfig(**lora_kwargs("llama")))
+    assert model.active_adapters == ["new"]
+    assert any(p.requires_grad for n, p in model.named_parameters() if ".new." in n)
+    perturb_trainable(model)
+    inputs = inputs_for("llama")
+    with model.disable_adapter():
+        base = logits(model, inputs)
+    assert max_diff(logits(model, inputs), base) > 1e-4
+
+
 def test_delete_adapter_removes_its_modules_and_keeps_the_other():
     model = two_adapter_llama()
     inputs = inputs_for("llama")

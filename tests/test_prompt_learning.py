@@ -9,7 +9,14 @@ import peft
 import pytest
 import torch
 from conftest import tiny_bert, tiny_llama, tiny_t5
-from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 import deltatune as dt
 from deltatune.methods.p_tuning import PromptEncoderConfig
@@ -73,6 +80,50 @@ def test_interop_with_peft_both_ways(method, model, tmp_path):
     loaded = dt.PeftModel.from_pretrained(factory(), tmp_path / "theirs")
     with torch.no_grad():
         assert (loaded(**inputs(model)).logits - theirs(**peft_inputs).logits).abs().max() < 1e-4
+
+
+def same_prefix_in_both(factory, **config):
+    """(ours, peft's, ours re-created from peft's file): one prefix adapter, the same values."""
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(factory(), peft.PrefixTuningConfig(num_virtual_tokens=N, **config)).eval()
+    randomize_prompts(theirs)
+    ours = dt.get_peft_model(factory(), PrefixTuningConfig(num_virtual_tokens=N, **config)).eval()
+    dt.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    return ours, theirs
+
+
+def test_prefix_sizes_the_cache_by_head_dim_when_the_model_sets_it():
+    """Gemma-style: head_dim set apart from hidden_size / num_attention_heads, as many KV heads as heads."""
+
+    def gemma_like():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                                            vocab_size=128)).eval()
+
+    ours, theirs = same_prefix_in_both(gemma_like, task_type="CAUSAL_LM")
+    assert ours.peft_config["default"].token_dim == theirs.peft_config["default"].token_dim == 64
+    ids = torch.randint(1, 128, (2, 5))
+    with torch.no_grad():
+        assert (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max() < 1e-5
+
+
+def test_prefix_keeps_token_type_ids_as_given():
+    """A prefix adds cache entries, not input positions: GPT-2's token_type_ids keep the input's length."""
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128)).eval()
+
+    ours, theirs = same_prefix_in_both(gpt2, task_type="CAUSAL_LM")
+    ids = torch.randint(1, 128, (2, 5))
+    types = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        # GPT-2 adds the token-type embedding (its word embedding of the type id) to the input: peft, which drops
+        # token_type_ids with a warning, gets the same input through inputs_embeds.
+        wte = theirs.get_base_model().transformer.wte
+        expected = theirs(inputs_embeds=wte(ids) + wte(types)).logits
+        assert (ours(input_ids=ids, token_type_ids=types).logits - expected).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("method", ["prompt", "prefix", "p_tuning_mlp"])
@@ -473,3 +524,12 @@ def test_missing_tokenizer_path_is_a_clear_error(tmp_path):
 def test_prefix_on_a_model_without_a_kv_cache_is_refused():
     with pytest.raises(ValueError, match="Prefix tuning needs a model that reads a KV cache.*bert"):
         dt.get_peft_model(tiny_bert(), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
+
+
+def test_merging_a_prompt_adapter_is_refused():
+    model = make("prompt")
+    with pytest.raises(ValueError, match="prompt-learning adapters.*cannot be merged.*unload"):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_adapter()
+    assert model.active_adapter == "default" and "default" in model.prompt_encoder  # nothing was dropped

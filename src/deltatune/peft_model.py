@@ -106,7 +106,8 @@ class PeftModel(nn.Module):
         return config
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, _from_file: bool = False) -> None:
-        """Add a new adapter (inactive unless it is the first one). The caller's config is not modified."""
+        """Add a new adapter, inactive unless no other is loaded (the first one, or one added after deleting all
+        others). The caller's config is not modified."""
         if adapter_name in self.peft_config:
             raise ValueError(
                 f"An adapter named {adapter_name!r} already exists. Pick another name, or call "
@@ -116,13 +117,18 @@ class PeftModel(nn.Module):
             raise ValueError(f"Adapter names must be non-empty strings without '.', got {adapter_name!r}.")
         if hasattr(nn.ModuleDict(), adapter_name):  # adapters are ModuleDict keys, which cannot shadow its attributes
             raise ValueError(f"Adapter name {adapter_name!r} clashes with a torch.nn.Module attribute; pick another.")
+        only = not self.peft_config
+        if only:
+            self.active_adapter = adapter_name
         config = self._with_task_defaults(peft_config)
         method = get_method(config.peft_type)
         if method.create_prompt_encoder is not None:
             self.peft_config[adapter_name] = self._add_prompt_encoder(method, config, adapter_name, _from_file)
         else:
             self.peft_config[adapter_name] = injection.inject_adapter(self.get_base_model(), config, adapter_name)
-        if adapter_name != self.active_adapter:
+        if only:
+            injection.set_active_adapters(self.get_base_model(), [adapter_name])
+        else:
             injection.set_active_adapters(self.get_base_model(), [self.active_adapter])
         self._mark_trainable()  # a new inactive adapter stays frozen, as in peft
 
@@ -210,7 +216,16 @@ class PeftModel(nn.Module):
 
     # --- merging -------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        injection.merge_adapters(self.get_base_model(), adapter_names or [self.active_adapter], safe_merge)
+        names = adapter_names or [self.active_adapter]
+        self._refuse_prompt_merge(names)
+        injection.merge_adapters(self.get_base_model(), names, safe_merge)
+
+    def _refuse_prompt_merge(self, names: list[str]) -> None:
+        prompt = [name for name in names if name in self.prompt_encoder]
+        if prompt:
+            raise ValueError(f"Adapter(s) {prompt} are prompt-learning adapters: their virtual tokens or prefix go "
+                             "into the input or the KV cache, not into any weight, so they cannot be merged. Keep the "
+                             "PeftModel, or call unload() to drop them.")
 
     def unmerge_adapter(self) -> None:
         injection.unmerge_adapters(self.get_base_model())
@@ -226,6 +241,7 @@ class PeftModel(nn.Module):
         layer dequantized, the adapters merged without rounding, transformers' quantization config dropped).
         """
         names = adapter_names or [self.active_adapter]
+        self._refuse_prompt_merge(names)
         model = self.get_base_model()
         if dequantize:
             if safe_merge:  # refuse before anything changes

@@ -76,8 +76,10 @@ def resolve_dims(config: PromptLearningConfig, model: nn.Module) -> PromptLearni
                 raise ValueError(f"Could not read {name} from the model's config: set {name} in the adapter config.")
             setattr(config, name, value)
     kv_heads = getattr(model_config, "num_key_value_heads", None)
-    if config.is_prefix and kv_heads is not None and config.num_attention_heads != kv_heads:
-        # Grouped-query attention: prefixes live in the KV cache, which has num_key_value_heads heads.
+    if config.is_prefix and kv_heads is not None:
+        # Prefixes live in the KV cache: num_key_value_heads heads (grouped-query attention) of head_dim each, which
+        # a model may set apart from hidden_size / num_attention_heads (Gemma). Applied again to a loaded config,
+        # this changes nothing.
         head_dim = getattr(model_config, "head_dim", None) or config.token_dim // config.num_attention_heads
         config.token_dim = head_dim * kv_heads
         config.num_attention_heads = kv_heads
@@ -121,8 +123,9 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _extend_common(model: nn.Module, n: int, batch: int, kwargs: dict[str, Any], device: torch.device,
-                   length: int) -> torch.Tensor | None:
-    """Extend attention_mask / token_type_ids over the virtual tokens; return the real tokens' positions.
+                   length: int, extend_types: bool = True) -> torch.Tensor | None:
+    """Extend attention_mask (and, for virtual tokens in the input, token_type_ids) over the virtual tokens; return
+    the real tokens' positions. A prefix adds no input positions, so its token_type_ids stay as given.
 
     Positions are returned only for decoder-only models that take position_ids (None otherwise).
     """
@@ -130,7 +133,7 @@ def _extend_common(model: nn.Module, n: int, batch: int, kwargs: dict[str, Any],
     if mask is None:
         mask = torch.ones(batch, length, dtype=torch.long, device=device)
     kwargs["attention_mask"] = torch.cat([_ones(batch, n, mask), mask], dim=1)
-    if kwargs.get("token_type_ids") is not None:
+    if kwargs.get("token_type_ids") is not None and extend_types:
         types = kwargs["token_type_ids"]
         kwargs["token_type_ids"] = torch.cat([torch.zeros_like(types[:, :1]).expand(batch, n), types], dim=1)
     is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
@@ -242,7 +245,7 @@ def prefix_inputs(model: nn.Module, config: PromptLearningConfig, table: torch.T
             mask = kwargs["decoder_attention_mask"]
             kwargs["decoder_attention_mask"] = torch.cat([_ones(batch, n, mask), mask], dim=1)
         return kwargs
-    positions = _extend_common(model, n, batch, kwargs, reference.device, length)
+    positions = _extend_common(model, n, batch, kwargs, reference.device, length, extend_types=False)
     if positions is not None:
         kwargs["position_ids"] = positions
     kwargs.setdefault("use_cache", True)
