@@ -197,3 +197,17 @@ def test_crash_in_a_first_save_leaves_no_files(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         llama_model().save_pretrained(tmp_path / "new")
     assert not (tmp_path / "new").exists() or files_in(tmp_path / "new") == []
+
+
+def test_saved_files_get_the_permissions_open_would_give(tmp_path):
+    """Staged through mkstemp (owner-only), the files end with 0o666 minus the umask, as any written file."""
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        llama_model().save_pretrained(tmp_path)
+    finally:
+        os.umask(mask)
+    for name in files_in(tmp_path):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name

@@ -77,6 +77,29 @@ def test_merge_writes_a_plain_model_with_the_same_outputs(tiny_model, adapters, 
         assert torch.allclose(merged(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-5)
 
 
+def test_merge_never_deletes_what_it_did_not_write(tiny_model, adapters, tmp_path, capsys):  # noqa: F811
+    argv = ["merge", "--model", tiny_model, "--adapter", f"{adapters['a']}/adapter", "--output"]
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main([*argv, str(tmp_path)]) == 2
+    assert "not a model" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "mine"
+    out = tmp_path / "merged"
+    assert main([*argv, str(out)]) == 0
+    assert main([*argv, str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*argv, str(out), "--overwrite"]) == 0
+
+
+def test_adapter_paths_may_contain_an_equals_sign(tiny_model, adapters, tmp_path):  # noqa: F811
+    import shutil
+
+    path = tmp_path / "lr=1e-3" / "adapter"
+    shutil.copytree(f"{adapters['a']}/adapter", path)
+    from deltatune.cli import _adapters
+
+    assert _adapters([str(path), f"b={path}"]) == {"default": str(path), "b": str(path)}
+    assert _adapters(["runs/lr=1e-3/adapter"]) == {"default": "runs/lr=1e-3/adapter"}  # even before it exists
+
+
 def test_merging_a_prompt_adapter_is_refused(tiny_model, adapters, tmp_path, capsys):  # noqa: F811
     argv = ["merge", "--model", tiny_model, "--adapter", f"{adapters['prompt']}/adapter", "--output", str(tmp_path)]
     assert main(argv) == 2

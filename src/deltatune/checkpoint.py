@@ -201,12 +201,14 @@ def atomic_write_files(directory: str, writers: dict[str, Writer]) -> None:
     """
     os.makedirs(directory, exist_ok=True)
     staged: dict[str, str] = {}
+    mode = 0o666 & ~_umask()  # what open() would give; mkstemp makes files readable by their owner only
     try:
         for name, write in writers.items():
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
             os.close(fd)
             staged[tmp] = os.path.join(directory, name)
             write(tmp)
+            os.chmod(tmp, mode)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         for tmp, path in staged.items():
@@ -215,6 +217,12 @@ def atomic_write_files(directory: str, writers: dict[str, Writer]) -> None:
         for tmp in staged:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _text_writer(text: str) -> Writer:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -38,7 +39,7 @@ def _adapters(values: Sequence[str] | None) -> dict[str, str]:
     adapters: dict[str, str] = {}
     for value in values or []:
         name, sep, path = value.partition("=")
-        if not sep:
+        if not sep or "/" in name or os.sep in name or os.path.exists(value):  # a path that contains "="
             name, path = ("default" if "default" not in adapters else f"adapter{len(adapters)}"), value
         if name in adapters:
             raise train_config.ConfigError(f"Two adapters are named {name!r}; name them NAME=PATH.")
@@ -153,6 +154,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from deltatune.trainer.checkpoints import write_folder
     from deltatune.trainer.loading import load_for_inference
 
+    _check_merge_output(args.output, args.overwrite)
     model, tokenizer, _ = load_for_inference(args.model, {"default": args.adapter})
     if model.active_adapter in model.prompt_encoder:
         raise train_config.ConfigError(
@@ -170,6 +172,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
     write_folder(args.output, write)
     print(f"Merged model written to {args.output}")
     return 0
+
+
+def _check_merge_output(output: str, overwrite: bool) -> None:
+    """The merged model replaces --output whole: refuse a folder that holds anything but an earlier merged model
+    (config.json), and that one too without --overwrite."""
+    path = os.path.abspath(output)
+    if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
+        return
+    if not os.path.isdir(path):
+        raise train_config.ConfigError(f"--output {output} is a file; give a folder for the merged model.")
+    if os.getcwd() == path or os.getcwd().startswith(path + os.sep):
+        raise train_config.ConfigError(f"--output {output} holds the current directory; give a new folder.")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise train_config.ConfigError(
+            f"--output {output} already holds files that are not a model; give a new or empty folder (the merged "
+            "model replaces the whole folder).")
+    if not overwrite:
+        raise train_config.ConfigError(f"--output {output} already holds a model; pass --overwrite to replace it.")
 
 
 # --- models -----------------------------------------------------------------------------------------------
@@ -233,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="fold an adapter into the base weights; write a plain model folder")
     _model_options(merge, "required")
     merge.add_argument("--output", required=True, help="folder for the merged model and its tokenizer")
+    merge.add_argument("--overwrite", action="store_true", help="replace --output if it already holds a model")
     merge.set_defaults(func=cmd_merge)
 
     models = commands.add_parser("models", help="list the embedded models, or prepare one")

@@ -100,15 +100,26 @@ def _raise_at(step_number):
     return hook
 
 
-def test_resumed_run_ends_with_the_same_adapter(tiny_model, train_file, tmp_path):
+RESUMED_METHODS = {
+    "lora": {},
+    # The adapter file holds the prompt table; resuming needs the encoder's own weights.
+    "p-tuning": {"method": "p-tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 16},
+    "prefix-projection": {"method": "prefix", "num_virtual_tokens": 4, "prefix_projection": True,
+                          "encoder_hidden_size": 16},
+}
+
+
+@pytest.mark.parametrize("method", list(RESUMED_METHODS))
+def test_resumed_run_ends_with_the_same_adapter(method, tiny_model, train_file, tmp_path):
     """Killed before step 5 (after checkpoint 4) and resumed: same adapter as a run never interrupted.
 
     Dropout is on, so this also checks that the random-number states are restored."""
-    whole = train(_config(tiny_model, train_file, tmp_path / "whole"))
+    settings = RESUMED_METHODS[method]
+    whole = train(_config(tiny_model, train_file, tmp_path / "whole", **settings))
     with pytest.raises(Interrupt):
-        train(_config(tiny_model, train_file, tmp_path / "cut"), step_hook=_raise_at(5))
+        train(_config(tiny_model, train_file, tmp_path / "cut", **settings), step_hook=_raise_at(5))
     assert [step for step, _ in list_checkpoints(str(tmp_path / "cut"))] == [2, 4]
-    resumed = train(_config(tiny_model, train_file, tmp_path / "cut", resume=True))
+    resumed = train(_config(tiny_model, train_file, tmp_path / "cut", resume=True, **settings))
     assert_same_tensors(adapter_tensors(whole.saved_to), adapter_tensors(resumed.saved_to))
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines if '"train"' in line] == [1, 2, 3, 4, 5, 6]

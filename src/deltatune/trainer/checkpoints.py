@@ -1,11 +1,12 @@
 """Training checkpoints: output_dir/checkpoints/step-N, written whole or not at all, the newest few kept.
 
 A checkpoint holds everything that decides the rest of a run: the trainable weights (an adapter in peft's
-layout, loadable by PeftModel.from_pretrained; or the full model for full fine-tuning), the optimizer,
-the scheduler, the gradient scaler, every process's random-number states, and the step number (which fixes
-the data position, see sampler.py). It is written into a hidden temporary folder renamed into place at the
-end, so a run killed at any moment leaves only complete checkpoints. Everything is read back with
-torch.load(weights_only=True) or safetensors: nothing is unpickled.
+layout, loadable by PeftModel.from_pretrained, and every trainable tensor under its live name, which resuming
+reads; or the full model for full fine-tuning), the optimizer, the scheduler, the gradient scaler, every
+process's random-number states, and the step number (which fixes the data position, see sampler.py). It is
+written into a hidden temporary folder renamed into place at the end, so a run killed at any moment leaves only
+complete checkpoints. Everything is read back with torch.load(weights_only=True) or safetensors: nothing is
+unpickled.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from deltatune import PeftModel
-from deltatune.checkpoint import load_adapter_weights, set_peft_model_state_dict
+from deltatune.checkpoint import AdapterLoadError, load_adapter_weights, set_peft_model_state_dict
 
 STATE_FILE = "trainer_state.json"
 FULL_MODEL_FILE = "model.safetensors"
+TRAINABLE_FILE = "trainable.safetensors"
 _STEP = re.compile(r"step-(\d+)")
 
 
@@ -71,19 +73,42 @@ def set_rng_state(state: dict) -> None:
 
 
 # --- weights ----------------------------------------------------------------------------------------------
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+
+
 def _save_weights(model, directory: str) -> None:
     if isinstance(model, PeftModel):
         model.save_pretrained(directory)
+        # The adapter file holds what inference needs: for P-tuning and prefix projection that is the prompt table
+        # the encoder computes, not the encoder's trained weights, which resuming needs. So every trainable tensor
+        # is kept beside it, under its live name.
+        save_file({k: v.detach().contiguous() for k, v in _trainable(model).items()},
+                  os.path.join(directory, TRAINABLE_FILE))
     else:  # full fine-tuning: safetensors' own pair handles tied weights symmetrically
         save_model(model, os.path.join(directory, FULL_MODEL_FILE))
 
 
 def _load_weights(model, directory: str) -> None:
-    if isinstance(model, PeftModel):
+    if not isinstance(model, PeftModel):
+        load_model(model, os.path.join(directory, FULL_MODEL_FILE), device=str(next(model.parameters()).device))
+        return
+    path = os.path.join(directory, TRAINABLE_FILE)
+    if not os.path.isfile(path):  # a checkpoint written before trainable.safetensors existed
         state_dict, source = load_adapter_weights(directory)
         set_peft_model_state_dict(model, state_dict, model.active_adapter, source=source)
-    else:
-        load_model(model, os.path.join(directory, FULL_MODEL_FILE), device=str(next(model.parameters()).device))
+        return
+    live, saved = _trainable(model), load_file(path)
+    if set(live) != set(saved):
+        missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+        raise AdapterLoadError(f"{path} does not hold this run's trainable parameters (missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}): was it written by another configuration?")
+    with torch.no_grad():
+        for name, param in live.items():
+            if saved[name].shape != param.shape:
+                raise AdapterLoadError(f"{name} in {path} has shape {tuple(saved[name].shape)}, the run "
+                                       f"{tuple(param.shape)}.")
+            param.copy_(saved[name])
 
 
 # --- save / load ------------------------------------------------------------------------------------------
