@@ -26,10 +26,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 # --- train ------------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from deltatune.trainer import load_config, train
+    from deltatune.trainer import train
 
-    config = load_config(args.config, train_config.overrides_from_args(args))
-    train(config)
+    train(train_config.config_from_args(args))
     return 0
 
 

@@ -7,13 +7,12 @@ import dataclasses
 import pytest
 
 from deltatune.cli import build_parser
-from deltatune.trainer.config import ConfigError, TrainConfig, coerce, load_config, overrides_from_args
+from deltatune.trainer.config import ConfigError, TrainConfig, coerce, config_from_args, load_config
 from deltatune.trainer.methods import METHODS
 
 
 def _config_from_cli(argv: list[str]) -> TrainConfig:
-    args = build_parser().parse_args(["train", *argv])
-    return load_config(args.config, overrides_from_args(args))
+    return config_from_args(build_parser().parse_args(["train", *argv]))
 
 
 def test_flag_beats_yaml_beats_default(tmp_path):
@@ -50,6 +49,13 @@ def test_resume_is_a_bool_or_a_path(argv, expected):
     assert _config_from_cli(["--model", "m", "--data", "d", *argv]).resume == expected
 
 
+def test_resume_before_the_config_file_still_reads_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ndata: d\nr: 4\n")
+    config = _config_from_cli(["--resume", str(path)])
+    assert config.resume is True and config.r == 4
+
+
 def test_none_values_from_flags_and_yaml(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: m\ndata: d\nsave_steps: null\n")
@@ -76,7 +82,17 @@ def test_wrong_types_are_named(name, value, message):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio must be positive"),
+    ({"loraplus_lr_ratio": 0}, "loraplus_lr_ratio must be a finite number > 0"),
+    ({"max_grad_norm": -1.0}, "max_grad_norm must be a finite number > 0"),  # would flip every gradient
+    ({"learning_rate": float("nan")}, "learning_rate must be a finite number"),
+    ({"learning_rate": float("inf")}, "learning_rate must be a finite number"),
+    ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0"),
+    ({"lora_alpha": -16}, "lora_alpha must be a finite number > 0"),
+    ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+    ({"seed": -1}, "seed must be in"),
+    ({"quantize": "3bit"}, "quantize must be one of"),
+    ({"method": "bottleneck", "placement": "middle"}, "method 'bottleneck': placement must be one of"),
+    ({"method": "p-tuning", "encoder_hidden_size": 0}, "encoder_hidden_size must be a positive integer"),
     ({"method": "lorra"}, "Unknown method 'lorra'"),
     ({"lr_scheduler": "step"}, "lr_scheduler must be one of"),
     ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -157,7 +158,8 @@ def check(config: TrainConfig) -> None:
             raise ConfigError(f"{name} is required: give it in the config file or as --{name}.")
     positive = ["max_length", "batch_size", "gradient_accumulation_steps", "num_virtual_tokens", "r",
                 "reduction_factor", "max_new_tokens", "epochs"]
-    positive_or_none = ["max_steps", "eval_steps", "save_steps", "save_total_limit", "max_eval_samples"]
+    positive_or_none = ["max_steps", "eval_steps", "save_steps", "save_total_limit", "max_eval_samples",
+                        "encoder_hidden_size"]
     for name in positive + positive_or_none:
         value = getattr(config, name)
         if not (value is None and name in positive_or_none) and value <= 0:
@@ -166,11 +168,22 @@ def check(config: TrainConfig) -> None:
         raise ConfigError(f"eval_split must be in [0, 1), got {config.eval_split!r}.")
     if not 0 <= config.warmup_ratio < 1 or config.warmup_steps < 0:
         raise ConfigError("warmup_steps must be >= 0 and warmup_ratio in [0, 1).")
-    for name in ("learning_rate", "loraplus_lr_ratio"):
-        if (value := getattr(config, name)) is not None and value <= 0:
-            raise ConfigError(f"{name} must be positive, got {value!r}.")
+    # (name, lowest value, whether the lowest is allowed): a negative max_grad_norm would flip every gradient.
+    for name, low, allowed in (("learning_rate", 0, False), ("loraplus_lr_ratio", 0, False), ("lora_alpha", 0, False),
+                               ("max_grad_norm", 0, False), ("weight_decay", 0, True)):
+        value = getattr(config, name)
+        if value is not None and (not math.isfinite(value) or value < low or (value == low and not allowed)):
+            raise ConfigError(f"{name} must be a finite number {'>=' if allowed else '>'} {low}, got {value!r}.")
+    if not 0 <= config.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {config.lora_dropout!r}.")
+    if not 0 <= config.seed < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32), got {config.seed!r}.")
     _check_choice("lr_scheduler", config.lr_scheduler, SCHEDULERS)
     _check_choice("mixed_precision", config.mixed_precision, PRECISIONS)
+    if config.quantize is not None:
+        from deltatune.quantized.loading import QUANTIZE_CHOICES
+
+        _check_choice("quantize", config.quantize, QUANTIZE_CHOICES)
     check_method(config)
 
 
@@ -237,3 +250,13 @@ def _metavar(kinds: set[Any]) -> str:
 def overrides_from_args(args: Any) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in vars(args).items() if k in names}
+
+
+def config_from_args(args: Any) -> TrainConfig:
+    """The run `deltatune train [CONFIG] [--flags]` describes (args.config: the YAML file or None)."""
+    overrides, path = overrides_from_args(args), args.config
+    resume = overrides.get("resume")
+    if path is None and isinstance(resume, str) and resume.endswith((".yaml", ".yml")):
+        # `train --resume run.yaml`: argparse hands the optional value to --resume, but a checkpoint is a folder
+        path, overrides["resume"] = resume, "true"
+    return load_config(path, overrides)

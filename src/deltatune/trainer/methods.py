@@ -99,6 +99,12 @@ def check_method(config: TrainConfig) -> None:
     ignored = sorted(k for k in method_keys - used if getattr(config, k) != defaults[k])
     if ignored:
         warnings.warn(f"Method {config.method!r} does not use {', '.join(ignored)}; ignoring them.", stacklevel=3)
+    build = METHODS[config.method].build
+    if build is not None:  # the adapter config's own checks (placement, ...) now, not after the model has loaded
+        try:
+            build(config, "CAUSAL_LM", config.model)  # the tokenizer folder is the model's, not opened here
+        except ValueError as err:
+            raise ConfigError(f"method {config.method!r}: {err}") from err
 
 
 def build_peft_config(config: TrainConfig, task_type: str, tokenizer_path: str) -> PeftConfig | None:
