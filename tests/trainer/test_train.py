@@ -131,6 +131,12 @@ def test_resume_from_a_named_checkpoint_and_changed_settings(tiny_model, train_f
     step2 = str(tmp_path / "checkpoints" / "step-4")
     with pytest.raises(Exception, match="settings changed"):
         train(_config(tiny_model, train_file, tmp_path, resume=step2, batch_size=2))
+    # The restored optimizer and scheduler would silently keep the old learning rate.
+    with pytest.raises(Exception, match=r"settings changed \(learning_rate: 0.01 -> 0.001\)"):
+        train(_config(tiny_model, train_file, tmp_path, resume=step2, max_steps=4, learning_rate=1e-3))
+    # Told as a changed setting, not as adapter keys that do not fit.
+    with pytest.raises(Exception, match=r"settings changed \(method: lora -> ia3"):
+        train(_config(tiny_model, train_file, tmp_path, resume=step2, max_steps=4, method="ia3", lora_dropout=0.05))
     with pytest.raises(Exception, match="holds checkpoints of an earlier run"):
         train(_config(tiny_model, train_file, tmp_path))
 

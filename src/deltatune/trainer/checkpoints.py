@@ -137,10 +137,15 @@ def save_checkpoint(accelerator, output_dir: str, model, optimizer, scheduler, s
     return final
 
 
+def read_state(path: str) -> dict:
+    """A checkpoint's trainer state: its step and the settings of the run that wrote it."""
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load_checkpoint(path: str, accelerator, model, optimizer, scheduler) -> dict:
     """Restore a checkpoint into the live objects; returns its trainer state (step, ...)."""
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-        state = json.load(f)
+    state = read_state(path)
     _load_weights(model, path)
     optimizer.load_state_dict(_load(path, "optimizer.pt"))
     scheduler.load_state_dict(_load(path, "scheduler.pt"))

@@ -30,7 +30,7 @@ from deltatune.trainer.evaluate import evaluate
 from deltatune.trainer.examples import RunData, load_run_data
 from deltatune.trainer.loading import load_base_model, load_tokenizer, model_folder, save_label_names, task_type
 from deltatune.trainer.loss import forward_logits, loss_sum, target_count
-from deltatune.trainer.methods import build_peft_config
+from deltatune.trainer.methods import METHODS, build_peft_config
 from deltatune.trainer.sampler import DataOrder
 
 
@@ -122,14 +122,23 @@ def resume_point(config: TrainConfig) -> str | None:
     return config.resume
 
 
+# Settings a resumed run must keep: the method's own, and those the restored optimizer and scheduler state would
+# silently override or the continuation depends on.
+RESUME_KEYS = ("seed", "method", "learning_rate", "weight_decay", "lr_scheduler", "warmup_steps", "warmup_ratio",
+               "max_grad_norm", "max_length", "mixed_precision", "quantize")
+
+
 def _run_identity(config: TrainConfig, order: DataOrder, total_steps: int) -> dict[str, Any]:
     """What a checkpoint must share with the run resuming it for the continuation to be exact."""
-    return {"seed": config.seed, "method": config.method, "num_examples": order.num_examples,
+    keys = dict.fromkeys((*RESUME_KEYS, *METHODS[config.method].keys))
+    return {**{k: getattr(config, k) for k in keys}, "num_examples": order.num_examples,
             "global_batch": order.global_batch, "total_steps": total_steps}
 
 
 def _check_resumable(state: dict, identity: dict, path: str) -> None:
-    changed = {k: (state.get(k), v) for k, v in identity.items() if state.get(k) != v}
+    """Compared before anything is loaded (a changed method would otherwise fail on the weights' keys). Settings a
+    checkpoint does not record (written by an older version) are not compared."""
+    changed = {k: (state[k], v) for k, v in identity.items() if k in state and state[k] != v}
     if changed:
         details = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
         raise ConfigError(f"Cannot resume from {path}: the run's settings changed ({details}). "
@@ -211,8 +220,8 @@ def _start(config: TrainConfig) -> Run:
     run = Run(config, accelerator, tokenizer, data, prepared, accelerator.unwrap_model(prepared), optimizer,
               scheduler, order, total_steps, 0, resume_from, report.MetricsLog(config.output_dir), base_weights)
     if resume_from:
+        _check_resumable(checkpoints.read_state(resume_from), _run_identity(config, order, total_steps), resume_from)
         state = checkpoints.load_checkpoint(resume_from, accelerator, run.unwrapped, optimizer, scheduler)
-        _check_resumable(state, _run_identity(config, order, total_steps), resume_from)
         run.start_step = state["step"]
     if run.main:
         _prepare_output(config, run.log, run.start_step, resume_from)
