@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+from deltatune.checkpoint import atomic_write_text
+from deltatune.trainer.config import ConfigError
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curve.png"
 SUMMARY_FILE = "summary.json"
@@ -31,16 +34,28 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; a last line cut short (a run killed mid-append, a full disk) is dropped."""
         if not os.path.isfile(self.path):
             return []
         with open(self.path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = f.readlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if number == len(lines) and not line.endswith("\n"):
+                    break
+                raise ConfigError(f"{self.path} line {number} is not a JSON record ({err.msg}); delete the line "
+                                  "or the file to go on.") from err
+        return records
 
     def keep_until(self, step: int) -> None:
         """Drop records after `step`: a resumed run writes them again from its checkpoint on."""
         kept = [r for r in self.read() if r["step"] <= step]
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def clear(self) -> None:
         if os.path.exists(self.path):
