@@ -53,6 +53,7 @@ def test_undetectable_rows_name_the_keys_found():
         ({"text": "x", "label": 1.5}, "classification", "integer or a string"),
         ({"text": "x", "label": True}, "classification", "integer or a string"),
         ({"text": "x", "label": -1}, "classification", "negative"),
+        ({"text": " ", "label": 1}, "classification", "'text' is empty"),
         (["not", "an", "object"], "text", "expected a JSON object"),
     ],
 )

@@ -178,3 +178,17 @@ def test_undetectable_file(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(DataError, match=rf"{path}: cannot detect the data format"):
         load_records(str(path))
+
+
+def test_a_json_file_holding_one_object_says_what_a_json_file_holds(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('{\n  "rows": [{"text": "a"}]\n}\n')
+    with pytest.raises(DataError, match=r"no row could be read.*data.json:1: invalid JSON.*a list of rows"):
+        load_records(str(path))
+
+
+def test_negative_csv_labels_are_refused_as_negative(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("text,label\ngood,1\nbad,-1\n")
+    with pytest.raises(DataError, match="data.csv:3: 'label' must not be negative"):
+        load_records(str(path))

@@ -121,6 +121,8 @@ def _check_classification(row: Mapping) -> str | None:
     problem = _string_field(row, "text")
     if problem:
         return problem
+    if not row["text"].strip():
+        return "'text' is empty: there is nothing to classify"
     label = row.get("label")
     if label is None:
         return "missing 'label'"

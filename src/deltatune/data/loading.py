@@ -55,6 +55,10 @@ def load_records(
     if not read:
         raise DataError(f"{source}: no rows")
     parsed = [row for _, row, problem in read if problem is None]
+    if not parsed:  # nothing to detect a format from: say why the first row could not be read
+        location, _, problem = read[0]
+        hint = " (a .json file holds a list of rows, or one JSON object per line)" if source.endswith(".json") else ""
+        raise DataError(f"{source}: no row could be read; {location}: {problem}{hint}")
     try:
         chosen = format or detect_format(parsed)
     except DataError as exc:
@@ -209,7 +213,7 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> Iterator[_Read]:
 
 def _typed_cells(row: dict) -> tuple[dict, str | None]:
     label = row.get("label")
-    if isinstance(label, str) and re.fullmatch(r"\s*\d+\s*", label):
+    if isinstance(label, str) and re.fullmatch(r"\s*-?\d+\s*", label):  # "-1" too, to be refused as negative
         row["label"] = int(label)
     if isinstance(row.get("messages"), str):
         try:

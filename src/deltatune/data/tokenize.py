@@ -71,6 +71,16 @@ def tokenize_records(
     return data
 
 
+def class_names(records: Records, format: str | None = None) -> list[str] | None:
+    """The label names tokenize_records would derive for classification rows (None for other formats), taken over
+    every row: split the rows afterwards and both sides keep the same classes, even one only the eval side has."""
+    chosen = check_format_name(format) if format else records.format or detect_format(records.rows)
+    if chosen != "classification":
+        return None
+    indices = [index for index, row in enumerate(records.rows) if row_problem(row, chosen) is None]
+    return _label_mapping(records, indices, None)[0]
+
+
 def _valid_rows(records: Records, format: str, skip_bad_rows: bool) -> tuple[list[int], list[str]]:
     indices, skipped = [], []
     for index, row in enumerate(records.rows):

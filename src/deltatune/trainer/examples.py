@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deltatune.data import DataError, load_records, tokenize_records
+from deltatune.data.tokenize import class_names
 
 
 @dataclass
@@ -60,14 +61,16 @@ def held_out(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
 def load_run_data(config, tokenizer) -> RunData:
     notes: list[str] = []
     records = load_records(config.data, skip_bad_rows=config.skip_bad_rows, format=config.format)
+    label_names = None
     if config.eval_data:
         eval_records = load_records(config.eval_data, skip_bad_rows=config.skip_bad_rows, format=records.format)
     else:
+        label_names = class_names(records, records.format)  # before the split: a rare class may land in eval only
         train_idx, eval_idx = held_out(len(records.rows), config.eval_split, config.seed)
         eval_records = _subset(records, eval_idx) if eval_idx else None
         records = _subset(records, train_idx)
-    train = _tokenize(records, tokenizer, records.format, config.max_length, None, config.skip_bad_rows, notes,
-                      "train data")
+    train = _tokenize(records, tokenizer, records.format, config.max_length, label_names, config.skip_bad_rows,
+                      notes, "train data")
     eval_set = None
     if eval_records is not None:
         eval_records = _subset(eval_records, range(min(len(eval_records.rows), config.max_eval_samples or 10**12)))
