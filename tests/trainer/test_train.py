@@ -79,6 +79,8 @@ def test_classification_reports_accuracy(tiny_model, classification_file, tmp_pa
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 <= summary["eval_after"]["accuracy"] <= 1
     assert json.loads((tmp_path / "adapter" / "labels.json").read_text()) == ["neg", "pos"]
+    checkpoint = list_checkpoints(str(tmp_path))[-1][1]  # `deltatune eval --adapter` a checkpoint reads it too
+    assert json.loads(open(os.path.join(checkpoint, "labels.json")).read()) == ["neg", "pos"]
 
 
 def _config(tiny_model, train_file, out, **changes):

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from deltatune import PeftModel
 from deltatune.checkpoint import AdapterLoadError, load_adapter_weights, set_peft_model_state_dict
+from deltatune.trainer.loading import save_label_names
 
 STATE_FILE = "trainer_state.json"
 FULL_MODEL_FILE = "model.safetensors"
@@ -113,8 +114,9 @@ def _load_weights(model, directory: str) -> None:
 
 # --- save / load ------------------------------------------------------------------------------------------
 def save_checkpoint(accelerator, output_dir: str, model, optimizer, scheduler, state: dict,
-                    keep: int | None) -> str:
-    """Write checkpoint step-<state["step"]> (a collective call: every process must make it)."""
+                    keep: int | None, label_names: list[str] | None = None) -> str:
+    """Write checkpoint step-<state["step"]> (a collective call: every process must make it). With a classifier's
+    `label_names` it also holds labels.json, like the final adapter, so `deltatune eval` reads the classes."""
     from accelerate.utils import gather_object
 
     rng_states = gather_object([rng_state()])
@@ -122,6 +124,7 @@ def save_checkpoint(accelerator, output_dir: str, model, optimizer, scheduler, s
 
     def write(tmp: str) -> None:
         _save_weights(model, tmp)
+        save_label_names(tmp, label_names)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         if accelerator.scaler is not None:
@@ -162,16 +165,23 @@ def _load(path: str, name: str):
 
 # --- housekeeping -----------------------------------------------------------------------------------------
 def write_folder(final: str, write: Callable[[str], None]) -> None:
-    """Fill a hidden sibling folder with `write`, then rename it to `final` (replacing an older one)."""
+    """Fill a hidden sibling folder with `write`, then rename it to `final` (replacing an older one).
+
+    The older folder is renamed aside, the new one renamed into place, and only then is the older one deleted:
+    `final` is missing only between two renames, never for the time a deletion takes."""
     parent, name = os.path.split(os.path.abspath(final))
     tmp = os.path.join(parent, f".{name}.partial")
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     write(tmp)
+    old = os.path.join(parent, f".deleting-{name}")
+    if os.path.exists(old):
+        shutil.rmtree(old)
     if os.path.exists(final):
-        _remove(final)
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def rotate(output_dir: str, keep: int | None) -> None:

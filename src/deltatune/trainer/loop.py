@@ -272,7 +272,7 @@ def _train_steps(run: Run, step_hook: StepHook | None) -> None:
         if config.save_steps and step % config.save_steps == 0:
             last_checkpoint = checkpoints.save_checkpoint(accelerator, config.output_dir, run.unwrapped,
                                                           run.optimizer, run.scheduler, run.checkpoint_state(step),
-                                                          config.save_total_limit)
+                                                          config.save_total_limit, run.data.label_names)
     bar.close()
 
 
