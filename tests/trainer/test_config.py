@@ -120,3 +120,10 @@ def test_examples_load(tmp_path):
     files = sorted(glob.glob(os.path.join(root, "*.yaml")))
     methods = {load_config(path).method for path in files}
     assert methods == set(METHODS)  # one example file per method
+
+
+def test_paths_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config(None, {"model": "~/model", "data": "~/d.jsonl", "output_dir": "~/runs"})
+    assert (config.model, config.data, config.output_dir) == (f"{tmp_path}/model", f"{tmp_path}/d.jsonl",
+                                                               f"{tmp_path}/runs")

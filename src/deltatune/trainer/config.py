@@ -85,6 +85,13 @@ class TrainConfig:
     overwrite: bool = setting(False, "start over in an output_dir that holds checkpoints of an earlier run")
 
     def __post_init__(self) -> None:
+        # A shell expands ~ only at the start of a word: `--output-dir=~/runs` and YAML values arrive unexpanded.
+        for name in ("model", "data", "eval_data", "output_dir"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
+        if isinstance(self.resume, str) and self.resume.startswith("~"):
+            self.resume = os.path.expanduser(self.resume)
         check(self)
 
     def to_dict(self) -> dict[str, Any]:
