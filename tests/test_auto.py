@@ -57,3 +57,39 @@ def test_auto_peft_model_without_base_name_says_what_to_do(tmp_path):
 def test_auto_classes_cannot_be_instantiated():
     with pytest.raises(TypeError, match="from_pretrained"):
         deltatune.AutoPeftModelForCausalLM()
+
+
+def test_an_adapter_without_task_type_loads_through_its_auto_mapping_in_both_libraries(tmp_path):
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, image_size=32, patch_size=8, num_labels=3)
+                              ).save_pretrained(tmp_path / "base")
+    base = ViTForImageClassification.from_pretrained(tmp_path / "base")
+    model = deltatune.get_peft_model(base, deltatune.LoraConfig(target_modules=["q_proj", "v_proj"],
+                                                                modules_to_save=["classifier"])).eval()
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["auto_mapping"] == {"base_model_class": "ViTForImageClassification",
+                                      "parent_library": "transformers.models.vit.modeling_vit"}
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits
+        for auto in (deltatune.AutoPeftModel, peft.AutoPeftModel):
+            loaded = auto.from_pretrained(tmp_path / "adapter").eval()
+            assert max_diff(loaded(pixel_values=pixels).logits, expected) < 1e-5, auto.__module__
+
+
+def test_the_adapters_task_type_picks_the_auto_class(tmp_path):
+    ARCHS["llama"][0]().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    deltatune.get_peft_model(base, deltatune.LoraConfig(**lora_kwargs("llama"))).save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match="needs PeftModelForCausalLM.*AutoPeftModelForSequenceClassification"):
+        deltatune.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match="task_type is 'CAUSAL_LM'.*AutoPeftModelForCausalLM"):
+        deltatune.AutoPeftModel.from_pretrained(tmp_path / "a")
+    loaded = deltatune.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a", revision=None)  # peft's keyword
+    assert type(loaded) is deltatune.PeftModelForCausalLM

@@ -348,3 +348,30 @@ def test_adapter_name_clashing_with_a_module_attribute_is_refused():
     model = deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(r=2))
     with pytest.raises(ValueError, match="clashes with a torch.nn.Module attribute"):
         model.add_adapter("double", deltatune.LoraConfig(r=2))
+
+
+def test_from_pretrained_and_load_adapter_read_the_subfolder_asked_for(tmp_path):
+    first, second = peft_model("llama", seed=1), peft_model("llama", seed=2)
+    first.save_pretrained(tmp_path)
+    second.save_pretrained(tmp_path / "other")
+    inputs = inputs_for("llama")
+    loaded = deltatune.PeftModel.from_pretrained(ARCHS["llama"][0](), tmp_path, subfolder="other").eval()
+    assert max_diff(logits(loaded, inputs), logits(second, inputs)) < TOL
+    loaded.load_adapter(tmp_path, "top")
+    loaded.set_adapter("top")
+    assert max_diff(logits(loaded, inputs), logits(first, inputs)) < TOL
+    with pytest.raises(deltatune.AdapterLoadError, match="no subfolder 'missing'"):
+        loaded.load_adapter(tmp_path, "x", subfolder="missing")
+
+
+def test_get_peft_model_names_the_wrapped_model_and_revision_as_peft(tmp_path):
+    ARCHS["llama"][0]().save_pretrained(tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    config = deltatune.LoraConfig(**lora_kwargs("llama"), base_model_name_or_path="some/other-model")
+    with pytest.warns(UserWarning, match="replaced by the wrapped model"):
+        model = deltatune.get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config,
+                                         revision="v2")
+    saved = model.peft_config["default"]
+    assert (saved.base_model_name_or_path, saved.revision) == (str(tmp_path / "base"), "v2")
+    assert config.base_model_name_or_path == "some/other-model"  # the caller's config is left alone

@@ -362,6 +362,9 @@ class PeftModel(nn.Module):
             out = save_directory if name == "default" else os.path.join(save_directory, name)
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
+            if config.task_type is None:  # how AutoPeftModel (here and in peft) finds the model class to load
+                base = type(self.get_base_model())
+                config.auto_mapping = {"base_model_class": base.__name__, "parent_library": base.__module__}
             card = None if os.path.exists(os.path.join(out, MODEL_CARD_NAME)) else _model_card(config)
             tensors = get_peft_model_state_dict(self, name)
             if path_initial_model_for_weight_conversion is not None:
@@ -381,10 +384,13 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         config: PeftConfig | None = None,
         all_adapters: bool = False,
+        subfolder: str | None = None,
+        revision: str | None = None,
         **_: Any,
     ) -> PeftModel:
-        """Load an adapter onto `model`. With all_adapters, also load the adapters saved in subfolders."""
-        directory = resolve_adapter_dir(model_id)
+        """Load an adapter onto `model` (from `subfolder` of a folder or Hub repo, at the repo's `revision`). With
+        all_adapters, also load the adapters saved in subfolders."""
+        directory = resolve_adapter_dir(model_id, subfolder=subfolder, revision=revision)
         config = copy.deepcopy(config) if config is not None else PeftConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
         if cls is PeftModel:
@@ -397,8 +403,8 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     **_: Any) -> None:
-        directory = resolve_adapter_dir(model_id)
+                     subfolder: str | None = None, revision: str | None = None, **_: Any) -> None:
+        directory = resolve_adapter_dir(model_id, subfolder=subfolder, revision=revision)
         config = PeftConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, config, _from_file=True)
@@ -414,19 +420,30 @@ class PeftModel(nn.Module):
         set_peft_model_state_dict(self, state_dict, adapter_name, source=path)
 
 
-def resolve_adapter_dir(model_id: str | os.PathLike) -> str:
-    """A local adapter folder as is; otherwise a Hub id, fetched (respects HF_HUB_OFFLINE)."""
+def resolve_adapter_dir(model_id: str | os.PathLike, subfolder: str | None = None, revision: str | None = None
+                        ) -> str:
+    """A local adapter folder as is; otherwise a Hub id, fetched (respects HF_HUB_OFFLINE). `subfolder` names the
+    adapter's folder inside either."""
     model_id = os.fspath(model_id)
     if os.path.isdir(model_id):
-        return model_id
-    try:
-        from huggingface_hub import snapshot_download
+        root = model_id
+    else:
+        patterns = ["*.json", "*.safetensors", "*.bin"]
+        try:
+            from huggingface_hub import snapshot_download
 
-        return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.bin"])
-    except Exception as err:
-        raise AdapterLoadError(
-            f"{model_id!r} is not a local folder and could not be fetched from the Hub ({err})."
-        ) from err
+            root = snapshot_download(model_id, revision=revision, allow_patterns=[
+                f"{subfolder}/{p}" for p in patterns] if subfolder else patterns)
+        except Exception as err:
+            raise AdapterLoadError(
+                f"{model_id!r} is not a local folder and could not be fetched from the Hub ({err})."
+            ) from err
+    if not subfolder:
+        return root
+    directory = os.path.join(root, subfolder)
+    if not os.path.isdir(directory):
+        raise AdapterLoadError(f"{model_id!r} has no subfolder {subfolder!r}.")
+    return directory
 
 
 def _model_card(config: PeftConfig) -> str:
@@ -536,7 +553,23 @@ MODEL_TYPE_TO_PEFT_MODEL: dict[str, type[PeftModel]] = {
 }
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any) -> PeftModel:
-    """Wrap `model` with a new adapter; the PeftModel subclass follows the config's task_type."""
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   revision: str | None = None, **_: Any) -> PeftModel:
+    """Wrap `model` with a new adapter; the PeftModel subclass follows the config's task_type.
+
+    As in peft, the saved config names the model actually wrapped (its `name_or_path`; a different name in the
+    config is replaced, with a warning) and `revision`, the base model's revision, if given."""
+    peft_config = copy.deepcopy(peft_config)
+    name = model.__dict__.get("name_or_path") or getattr(model, "name_or_path", None) or None
+    old = peft_config.base_model_name_or_path
+    if old is not None and name is not None and old != name:
+        warnings.warn(f"The config's base_model_name_or_path {old!r} is replaced by the wrapped model's {name!r}.",
+                      stacklevel=2)
+    if name is not None:
+        peft_config.base_model_name_or_path = name
+    if revision is not None:
+        if peft_config.revision not in (None, revision):
+            warnings.warn(f"The config's revision {peft_config.revision!r} is replaced by {revision!r}.", stacklevel=2)
+        peft_config.revision = revision
     cls = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name)

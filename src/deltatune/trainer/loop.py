@@ -76,9 +76,12 @@ def build_model(config: TrainConfig, path: str, data: RunData, tokenizer) -> tup
     if peft_config is None:  # full fine-tuning
         return model.requires_grad_(True), weights
     try:
-        return get_peft_model(model, peft_config), weights
+        peft_model = get_peft_model(model, peft_config)
     except ValueError as err:  # the method does not fit this model (no target modules, no KV cache, ...)
         raise ConfigError(f"Cannot apply method {config.method!r} to {config.model}: {err}") from err
+    # Saved adapters name the model the user gave (an embedded name, say), not the folder it was loaded from.
+    peft_model.peft_config["default"].base_model_name_or_path = config.model
+    return peft_model, weights
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

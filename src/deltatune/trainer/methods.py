@@ -108,10 +108,6 @@ def check_method(config: TrainConfig) -> None:
 
 
 def build_peft_config(config: TrainConfig, task_type: str, tokenizer_path: str) -> PeftConfig | None:
-    """The adapter config to train, or None for full fine-tuning. Saved adapters name the model the user gave."""
+    """The adapter config to train, or None for full fine-tuning."""
     build = METHODS[config.method].build
-    if build is None:
-        return None
-    peft_config = build(config, task_type, tokenizer_path)
-    peft_config.base_model_name_or_path = config.model
-    return peft_config
+    return None if build is None else build(config, task_type, tokenizer_path)
