@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 
+import peft
 import pytest
 import torch
 from conftest import ARCHS, inputs_for, logits, lora_kwargs, max_diff, perturb_trainable
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import deltatune
 from deltatune import checkpoint
@@ -211,3 +213,52 @@ def test_saved_files_get_the_permissions_open_would_give(tmp_path):
         os.umask(mask)
     for name in files_in(tmp_path):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
+
+
+# --- module copies with state besides parameters (BatchNorm's running statistics), saved as peft saves them ---
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.conv(x)).mean((2, 3)))
+
+
+CONFIGS = {
+    "modules_to_save": lambda lib: lib.LoraConfig(target_modules=["conv"], modules_to_save=["norm"], r=2),
+    "ln_tuning": lambda lib: lib.LNTuningConfig(target_modules=["norm"]),
+}
+X = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+
+
+def trained(lib, kind):
+    """A copy whose running statistics moved: two train-mode forwards."""
+    model = lib.get_peft_model(ConvNet(), CONFIGS[kind](lib))
+    model.train()
+    with torch.no_grad():
+        model(X * 3 + 1)
+        model(X - 2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_running_statistics_travel_with_the_adapter_both_ways(kind, tmp_path):
+    for source, dest in ((deltatune, deltatune), (deltatune, peft), (peft, deltatune)):
+        model = trained(source, kind)
+        folder = tmp_path / f"{source.__name__}-{dest.__name__}"
+        model.save_pretrained(folder)
+        loaded = dest.PeftModel.from_pretrained(ConvNet(), folder).eval()
+        with torch.no_grad():
+            assert (loaded(X) - model(X)).abs().max() < 1e-6, (source.__name__, dest.__name__)
+
+
+def test_running_statistics_are_state_not_trainable_parameters():
+    model = trained(deltatune, "modules_to_save")
+    state = deltatune.get_peft_model_state_dict(model)
+    assert {"base_model.model.norm.running_mean", "base_model.model.norm.num_batches_tracked"} <= set(state)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any("running" in n for n in trainable)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -69,6 +69,34 @@ def _walk(model: nn.Module, adapter_name: str, bias: str, saving: bool) -> dict[
     return out
 
 
+def _persistent_buffers(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, buffer) of what module.state_dict() holds besides parameters (BatchNorm's running statistics)."""
+    for owner_name, owner in module.named_modules():
+        for name, buffer in owner._buffers.items():
+            if buffer is not None and name not in owner._non_persistent_buffers_set:
+                yield (f"{owner_name}.{name}" if owner_name else name), buffer
+
+
+def _adapter_buffers(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The persistent buffers of an adapter's module copies (modules_to_save, LN tuning), under file keys.
+
+    peft saves a copy's whole state_dict, so a BatchNorm copy brings its running statistics; they are state, not
+    trainable parameters, which is why adapter_parameter_map leaves them out."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, AdapterLayer):
+            for container in module.adapter_param_containers:
+                items = getattr(module, container)
+                item = items[adapter_name] if adapter_name in items else None
+                if isinstance(item, nn.Module):
+                    out.update({f"{prefix}{container}.{k}": b for k, b in _persistent_buffers(item)})
+        elif isinstance(module, ModulesToSaveWrapper) and module.tied_to is None:
+            if adapter_name in module.modules_to_save:
+                out.update({prefix + k: b for k, b in _persistent_buffers(module.modules_to_save[adapter_name])})
+    return out
+
+
 def _prompt_encoder(model: nn.Module, adapter_name: str) -> nn.Module | None:
     encoders = getattr(model, "prompt_encoder", None)
     return encoders[adapter_name] if isinstance(encoders, nn.ModuleDict) and adapter_name in encoders else None
@@ -120,10 +148,12 @@ def peft_embedding_base_weights(model: nn.Module, adapter_name: str) -> dict[str
     return out
 
 
-def _file_parameter_map(model: nn.Module, adapter_name: str, bias: str | None, saving: bool = False
-                        ) -> dict[str, torch.Tensor]:
+def _file_parameter_map(model: nn.Module, adapter_name: str, bias: str | None, saving: bool = False,
+                        buffers: bool = False) -> dict[str, torch.Tensor]:
     bias = _bias_option(model, adapter_name, bias)
     params = _walk(model, adapter_name, bias, saving)
+    if buffers:
+        params.update(_adapter_buffers(model, adapter_name))
     if _prompt_encoder(model, adapter_name) is None:
         return params
     # peft's prompt-learning models hold the transformers model one level higher (`base_model.<name>`).
@@ -138,7 +168,7 @@ def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default", b
     A prompt-learning adapter is saved as its final table of virtual-token vectors (`prompt_embeddings`),
     whatever encoder produced it, as peft does.
     """
-    out = {k: p.detach() for k, p in _file_parameter_map(model, adapter_name, bias, saving=True).items()}
+    out = {k: p.detach() for k, p in _file_parameter_map(model, adapter_name, bias, saving=True, buffers=True).items()}
     if _bias_option(model, adapter_name, bias) == "all":
         out.update({k: p.detach() for k, p in _peft_wrapper_bias_copies(model, adapter_name).items()})
     out.update({k: p.detach() for k, p in peft_embedding_base_weights(model, adapter_name).items()})
@@ -165,7 +195,10 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     if _bias_option(model, adapter_name, bias) == "all":
         copies = _peft_wrapper_bias_copies(model, adapter_name)
         state_dict = {k: v for k, v in state_dict.items() if k not in copies}
-    optional = peft_embedding_base_weights(model, adapter_name)
+    # Buffers are optional: files written before deltatune saved them have none, and the live values stay.
+    with_buffers = _file_parameter_map(model, adapter_name, bias, buffers=True)
+    buffers = {k: b for k, b in with_buffers.items() if k not in expected}
+    optional = {**peft_embedding_base_weights(model, adapter_name), **buffers}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected) - set(optional))
     if strict and (missing or unexpected):
