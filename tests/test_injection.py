@@ -141,3 +141,18 @@ def test_second_adapter_on_the_same_module_shares_its_lora_layer():
     model.add_adapter("second", deltatune.LoraConfig(target_modules=["q_proj"], r=2))
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert layer.adapter_names == ["default", "second"]  # one LoRA layer holds both adapters
+
+
+def test_a_module_named_in_full_is_adapted_whatever_layers_to_transform_says_as_in_peft():
+    import peft
+
+    kwargs = {"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"], "layers_to_transform": [1]}
+    ours = deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kwargs))
+
+    def adapted_names(model):
+        suffix = ".lora_A.default"
+        return sorted(n.removesuffix(suffix) for n, _ in model.named_modules() if n.endswith(suffix))
+
+    assert adapted_names(ours) == adapted_names(theirs)
+    assert any("layers.0.self_attn.q_proj" in n for n in adapted_names(ours))

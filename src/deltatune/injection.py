@@ -68,6 +68,8 @@ def is_target(name: str, config: PeftConfig, targets: list[str] | str) -> bool:
             return False
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
+    if name in targets:  # named in full: peft adapts it whatever layers_to_transform says
+        return True
     if not any(_ends_with(name, key) for key in targets):
         return False
     layers = getattr(config, "layers_to_transform", None)

@@ -99,3 +99,33 @@ def test_bad_ratio_and_frozen_model_are_refused():
     ours.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         deltatune.create_loraplus_optimizer(ours, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+
+
+def test_parameters_under_a_module_named_like_bias_take_no_decay_as_in_peft():
+    from torch import nn
+
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))  # 1-D: LoRA+ puts it beside the B factors
+
+        def forward(self, x):
+            return x * self.scale
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Linear(4, 4)
+            self.bias_gate = Gate()  # "bias" in the full name: no weight decay, for peft and transformers
+
+        def forward(self, x):
+            return self.bias_gate(self.body(x))
+
+    kwargs = {"target_modules": ["body"], "modules_to_save": ["bias_gate"], "r": 2}
+    groups = []
+    for lib, make in ((deltatune, deltatune.create_loraplus_optimizer), (peft, peft_loraplus)):
+        model = lib.get_peft_model(Net(), lib.LoraConfig(**kwargs))
+        optimizer = make(model, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=RATIO, loraplus_weight_decay=0.1)
+        groups.append(sorted(named_groups(model, optimizer)))
+    assert groups[0] == groups[1]

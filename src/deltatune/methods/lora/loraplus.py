@@ -18,13 +18,14 @@ from deltatune.methods.lora.layers import LoraEmbedding, LoraLayer
 
 
 def _no_decay_ids(model: nn.Module) -> set[int]:
-    """Parameters that take no weight decay, as transformers' Trainer decides: LayerNorm parameters and biases."""
+    """Parameters that take no weight decay, as transformers' Trainer and peft decide: LayerNorm parameters, and
+    every parameter with "bias" anywhere in its full name (a module called bias_head included)."""
     out: set[int] = set()
     for module in model.modules():
         if isinstance(module, tuple(ALL_LAYERNORM_LAYERS)):
             out.update(id(p) for p in module.parameters())
     for name, param in model.named_parameters(remove_duplicate=False):
-        if "bias" in name.rpartition(".")[2]:
+        if "bias" in name:
             out.add(id(param))
     return out
 
