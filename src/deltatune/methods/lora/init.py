@@ -44,14 +44,17 @@ def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: int | Non
     """(A, B, residual) for a weight of shape (out, in): the top-r singular triplets W ~ V S U^T go to
     B = V sqrt(S / s) and A = sqrt(S / s) U^T, so that s * B A is the best rank-r approximation of W.
 
-    With `niter`, torch.svd_lowrank (randomised, `niter` subspace iterations) replaces the full SVD; it draws from
-    torch's global generator.
+    With `niter`, torch.svd_lowrank (randomised, `niter` subspace iterations) replaces the full SVD. Its random
+    draws come from a fixed seed, so that loading a trained adapter recreates the same residual (peft draws from
+    torch's global generator, so its reload differs from the trained model).
     """
     if niter is None:
         v, s, uh = torch.linalg.svd(weight, full_matrices=False)
         vr, sr, uhr = v[:, :r], s[:r], uh[:r]
     else:
-        vr, sr, ur = torch.svd_lowrank(weight, r, niter=niter)
+        with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            vr, sr, ur = torch.svd_lowrank(weight, r, niter=niter)
         uhr = ur.t()
     root = torch.sqrt(sr / scaling)
     a = torch.diag(root) @ uhr
@@ -64,6 +67,31 @@ def olora_factors(weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.T
     q, rr = torch.linalg.qr(weight)
     b, a = q[:, :r].contiguous(), rr[:r].contiguous()
     return a, b, weight - scaling * b @ a
+
+
+def refuse_tied_targets(model: nn.Module, config):
+    """LoRA's prepare_config: PiSSA / OLoRA rewrite a target's base weight, which would also rewrite every module
+    tied to it (an input embedding tied to lm_head) and change the model's function. peft does so silently."""
+    if not mutates_base(getattr(config, "init_lora_weights", None)):
+        return config
+    from deltatune.injection import is_target, resolve_targets
+    from deltatune.registry import get_method
+
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(name)
+    targets = resolve_targets(model, config, get_method(config.peft_type))
+    for names in owners.values():
+        adapted = [name for name in names if is_target(name, config, targets)]
+        if len(names) > 1 and adapted:
+            others = [name for name in names if name != adapted[0]]
+            raise ValueError(
+                f"init_lora_weights={config.init_lora_weights!r} rewrites the base weight of {adapted[0]}, which "
+                f"the model shares with {others}: they would change too. Leave {adapted[0]} out of target_modules, "
+                "or untie the weights first."
+            )
+    return config
 
 
 def init_from_base_weight(layer: nn.Module, adapter_name: str, init: str) -> None:
