@@ -168,6 +168,8 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> P
                 f"of two methods. Exclude it from target_modules for {method.peft_type}."
             )
         new = method.create_layer(module, adapter_name, resolved, name)
+        if new is not module and isinstance(new, AdapterLayer):
+            _refuse_nesting(name, module, method)
         if new is None:
             if isinstance(targets, list) and not any(name == t or name.endswith("." + t) for t in targets):
                 continue
@@ -202,6 +204,16 @@ def _refuse_tied_targets(model: nn.Module, adapter_name: str) -> None:
                 "deltatune ties modules_to_save copies only. Put that module in modules_to_save instead, or set "
                 "ensure_weight_tying=False."
             )
+
+
+def _refuse_nesting(name: str, module: nn.Module, method: Method) -> None:
+    """Adapter layers never nest: one inside another would escape disable_adapter, set_adapter and delete."""
+    inner = next((n for n, m in module.named_modules() if m is not module and isinstance(m, AdapterLayer)), None)
+    if inner is not None:
+        raise ValueError(
+            f"{name} holds adapter layers of another adapter ({name}.{inner}); {method.peft_type} cannot wrap it. "
+            "Target modules that no adapter has reached into yet, or delete that adapter first."
+        )
 
 
 def add_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, tie: bool = False) -> None:

@@ -387,3 +387,22 @@ def test_block_returning_a_dict_is_refused_with_a_clear_error():
                                               nn.Sequential(ReturnsDict()))
     with pytest.raises(TypeError, match="return a tensor or a tuple"):
         model(torch.randn(2, 4))
+
+
+def test_a_block_mixing_convolutions_and_linear_layers_is_refused():
+    """A ConvNext layer permutes between its depthwise convolution (channels on axis 1) and its linear layers
+    (channels last): its layers cannot tell the axis of its output, so no adapter is guessed onto it."""
+    from transformers import ConvNextConfig, ConvNextModel
+
+    model = ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2))
+    with pytest.raises(ValueError, match="ConvNextLayer mixes convolution and linear layers"):
+        get_peft_model(model, BottleneckConfig(target_modules=["stages.0.layers.0"], bottleneck_size=2))
+
+
+def test_a_block_another_adapter_reached_into_is_refused():
+    """Adapter layers never nest: a LoRA layer inside a bottleneck layer would escape disable_adapter and
+    delete_adapter."""
+    model = deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(target_modules=["down_proj"]))
+    with pytest.raises(ValueError, match=r"mlp holds adapter layers of another adapter \(.*mlp.down_proj\)"):
+        model.add_adapter("bn", BottleneckConfig(target_modules=["mlp"], bottleneck_size=2))
+    assert list(model.peft_config) == ["default"]

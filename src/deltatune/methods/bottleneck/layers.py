@@ -33,7 +33,8 @@ class Widths:
 
 
 def block_widths(module: nn.Module) -> Widths | None:
-    """The widths a bottleneck adapter around `module` works in; None when they cannot be told.
+    """The widths a bottleneck adapter around `module` works in; None when they cannot be told (an error when its
+    layers disagree on the channel axis).
 
     A linear or convolution layer tells them by its weights. A transformers block (attention, MLP, MoE)
     records the model's hidden size on itself or a sub-module (`config.hidden_size`, or an attribute such as
@@ -52,6 +53,13 @@ def block_widths(module: nn.Module) -> Widths | None:
     leaves = [m for m in module.modules() if m is not module and isinstance(m, WEIGHTED_TYPES)]
     if not leaves:
         return None
+    if len({isinstance(leaf, CONV_TYPES) for leaf in leaves}) > 1:
+        # A ConvNext layer: convolutions (channels on axis 1) and linear layers (channels last), permuted between;
+        # its layers cannot say on which axis its output carries the channels.
+        raise ValueError(
+            f"A {type(module).__name__} mixes convolution and linear layers, so the axis its output's channels lie "
+            "on cannot be told from them. Target one of its linear or convolution layers instead."
+        )
     first, last = block_widths(leaves[0]), block_widths(leaves[-1])
     return Widths(first.in_features, last.out_features, first.in_axis, last.out_axis)
 
