@@ -287,10 +287,29 @@ def test_half_precision_base_adds_float32_adapters_and_rounds_once_as_peft(kind,
             assert torch.equal(ours(x), theirs(x))
 
 
-def test_grouped_conv_and_unsupported_modules_are_refused_clearly():
-    grouped = Holder(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(ValueError, match="groups=2"):
-        deltatune.inject_adapter_in_model(deltatune.LoraConfig(target_modules=["layer"]), grouped)
+def test_grouped_conv_matches_peft_and_refuses_what_peft_refuses():
+    """A depthwise convolution (ConvNext's dwconv): B is grouped like the base, A reads every channel."""
+
+    def grouped():
+        torch.manual_seed(0)
+        return Holder(nn.Conv2d(4, 4, 3, padding=1, groups=4))
+
+    kwargs = {"target_modules": ["layer"], "r": 8, "init_lora_weights": False}
+    theirs = peft.inject_adapter_in_model(peft.LoraConfig(**kwargs), grouped())
+    ours = deltatune.inject_adapter_in_model(deltatune.LoraConfig(**kwargs), grouped())
+    deltatune.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert max_diff(ours(x), theirs(x)) < TOL and max_diff(ours(x), grouped()(x)) > 1e-3
+    with pytest.raises(ValueError, match="cannot be merged"):
+        ours.layer.merge()
+    with pytest.raises(ValueError, match="groups=4.*rank 6, which groups=4 does not divide"):
+        deltatune.inject_adapter_in_model(deltatune.LoraConfig(target_modules=["layer"], r=6), grouped())
+    with pytest.raises(ValueError, match="no DoRA"):
+        deltatune.inject_adapter_in_model(deltatune.LoraConfig(target_modules=["layer"], use_dora=True), grouped())
+
+
+def test_unsupported_modules_are_refused_clearly():
     norm = Holder(nn.LayerNorm(4))
     with pytest.raises(ValueError, match="LayerNorm.*cannot wrap"):
         deltatune.inject_adapter_in_model(deltatune.LoraConfig(target_modules=["layer"]), norm)

@@ -218,16 +218,32 @@ class LoraConv(LoraLayer):
     def __init__(self, base_layer: nn.Conv1d | nn.Conv2d) -> None:
         super().__init__(base_layer)
 
+    def update_layer(self, adapter_name: str, r: int, alpha: float, dropout: float, init: bool | str,
+                     use_rslora: bool, use_dora: bool = False) -> None:
+        groups = self.base_layer.groups
+        if groups > 1 and (r % groups or use_dora):
+            what = "DoRA" if use_dora else f"rank {r}, which groups={groups} does not divide"
+            raise ValueError(
+                f"LoRA on a grouped convolution (groups={groups}) needs a rank divisible by the groups and no DoRA "
+                f"(as in peft); got {what}. Pick another rank for it (rank_pattern) or leave it out of target_modules."
+            )
+        super().update_layer(adapter_name, r, alpha, dropout, init, use_rslora, use_dora)
+
     def _create_factors(self, adapter_name: str, r: int) -> None:
+        # On a grouped convolution (a depthwise one, say), B is grouped like the base and A reads every input
+        # channel, as in peft: each group of output channels gets r / groups of the rank.
         base = self.base_layer
         conv = type(base)
         ones = (1,) * len(base.kernel_size)
         self.lora_A[adapter_name] = conv(
             base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
         )
-        self.lora_B[adapter_name] = conv(r, base.out_channels, ones, ones, bias=False)
+        self.lora_B[adapter_name] = conv(r, base.out_channels, ones, ones, groups=base.groups, bias=False)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        if self.base_layer.groups > 1:  # A reads every input channel: no kernel of the base's grouped shape holds it
+            raise ValueError(f"LoRA on a grouped convolution (groups={self.base_layer.groups}) cannot be merged "
+                             "into its weights, as in peft; keep the adapter unmerged.")
         # B is pointwise, so the composed kernel is B applied to A at every kernel position.
         b = self.lora_B[adapter_name].weight.flatten(1)
         delta = torch.einsum("or,r...->o...", b, self.lora_A[adapter_name].weight)
@@ -269,11 +285,6 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
     elif isinstance(target, nn.Embedding):
         layer = LoraEmbedding(target)
     elif isinstance(target, nn.Conv1d | nn.Conv2d):
-        if target.groups != 1:
-            raise ValueError(
-                f"LoRA on grouped convolutions is not supported ({module_name} has groups={target.groups}); "
-                "leave it out of target_modules or add it to exclude_modules."
-            )
         layer = LoraConv(target)
     else:
         return None
