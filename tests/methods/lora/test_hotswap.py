@@ -15,9 +15,9 @@ import deltatune
 from deltatune import AdapterLoadError, hotswap_adapter, prepare_model_for_compiled_hotswap
 
 
-def save_adapter(path, seed: int, targets=("q_proj", "v_proj"), **kwargs) -> str:
-    config = deltatune.LoraConfig(task_type="CAUSAL_LM", target_modules=list(targets), **kwargs)
-    model = deltatune.get_peft_model(tiny_llama(), config)
+def save_adapter(path, seed: int, targets=("q_proj", "v_proj"), lib=deltatune, **kwargs) -> str:
+    config = lib.LoraConfig(task_type="CAUSAL_LM", target_modules=list(targets), **kwargs)
+    model = lib.get_peft_model(tiny_llama(), config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -109,15 +109,7 @@ def test_a_merged_adapter_is_refused_and_unmerges_to_the_base(adapters):
 def test_peft_files_with_embedding_base_weights_swap_in(tmp_path):
     """peft writes embed_tokens.base_layer.weight beside a LoRA on embed_tokens; the swap puts it in place."""
     for seed in (1, 2):
-        config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=4 * seed,
-                                 target_modules=["q_proj", "embed_tokens"])
-        model = peft.get_peft_model(tiny_llama(), config)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_" in name:
-                    param.copy_(torch.randn(param.shape, generator=g) * 0.1)
-        model.save_pretrained(tmp_path / str(seed))
+        save_adapter(tmp_path / str(seed), seed, ("q_proj", "embed_tokens"), lib=peft, r=4, lora_alpha=4 * seed)
     assert any("base_layer" in key for key in load_file(tmp_path / "2" / "adapter_model.safetensors"))
     model = load(str(tmp_path / "1"))
     hotswap_adapter(model, str(tmp_path / "2"))
