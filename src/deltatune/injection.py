@@ -183,6 +183,12 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> P
             _replace(model, name, new)
         matched += 1
     if matched == 0:
+        hidden = _targets_inside_adapter_layers(model, resolved, targets)
+        if hidden:
+            raise ValueError(
+                f"target_modules={targets!r} matches only modules inside another adapter's layer ({hidden[0]}); "
+                "adapter layers never nest. Delete that adapter first, or target other modules."
+            )
         raise ValueError(
             f"target_modules={targets!r} matched no module of this model that {method.peft_type} can adapt. "
             f"Module names that exist: "
@@ -204,6 +210,16 @@ def _refuse_tied_targets(model: nn.Module, adapter_name: str) -> None:
                 "deltatune ties modules_to_save copies only. Put that module in modules_to_save instead, or set "
                 "ensure_weight_tying=False."
             )
+
+
+def _targets_inside_adapter_layers(model: nn.Module, config: PeftConfig, targets: list[str] | str) -> list[str]:
+    """Names of target modules that sit inside an adapter layer's base module (a block a bottleneck wraps)."""
+    found = []
+    for name, layer in adapter_layers(model):
+        for inner, _ in layer.base_layer.named_modules():
+            if inner and is_target(f"{name}.{inner}", config, targets):
+                found.append(f"{name}.base_layer.{inner}")
+    return found
 
 
 def _refuse_nesting(name: str, module: nn.Module, method: Method) -> None:

@@ -406,3 +406,9 @@ def test_a_block_another_adapter_reached_into_is_refused():
     with pytest.raises(ValueError, match=r"mlp holds adapter layers of another adapter \(.*mlp.down_proj\)"):
         model.add_adapter("bn", BottleneckConfig(target_modules=["mlp"], bottleneck_size=2))
     assert list(model.peft_config) == ["default"]
+
+
+def test_targets_inside_a_wrapped_block_are_named_as_such():
+    model = get_peft_model(tiny_llama(), BottleneckConfig(target_modules=["mlp"], bottleneck_size=2))
+    with pytest.raises(ValueError, match=r"only modules inside another adapter's layer \(.*mlp.base_layer.down_proj"):
+        model.add_adapter("lora", deltatune.LoraConfig(target_modules=["down_proj"]))
