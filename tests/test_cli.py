@@ -135,3 +135,12 @@ def test_user_errors_are_one_line_with_status_2(tiny_model, tmp_path, capsys):  
 def test_console_script_is_declared():
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert scripts.get("deltatune") == "deltatune.cli:main"
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--max-length", "--max-new-tokens"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_eval_sizes_must_be_positive(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", "m", "--data", "d.jsonl", option, value])
+    assert exit_info.value.code == 2
+    assert f"{option}: must be a positive integer, got '{value}'" in capsys.readouterr().err

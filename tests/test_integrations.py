@@ -96,3 +96,21 @@ def test_trl_sft_trainer_with_the_base_model_and_the_callback(tmp_path):
     assert any(not torch.equal(saved[k], before[k]) for k in saved)  # trained
     assert load_file(tmp_path / "out" / "checkpoint-2" / "model.safetensors").keys() == {
         name for name, p in model.get_base_model().named_parameters() if p.requires_grad}
+
+
+def test_on_save_removes_a_sharded_full_model_too(tmp_path):
+    """Trainer may have written the whole model in shards (a large model, or a small max_shard_size)."""
+    from types import SimpleNamespace
+
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    full = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+            "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json", "pytorch_model.bin"]
+    for name in [*full, "optimizer.pt", "trainer_state.json"]:
+        (folder / name).write_text("x")
+    model = _lora_model()
+    args = SimpleNamespace(should_save=True, output_dir=str(tmp_path))
+    PeftSaveCallback().on_save(args, SimpleNamespace(global_step=3), None, model=model)
+    files = set(os.listdir(folder))
+    assert not files & set(full)
+    assert {"optimizer.pt", "trainer_state.json", "adapter_model.safetensors", "model.safetensors"} <= files

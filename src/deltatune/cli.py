@@ -64,7 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = loading.load_with_adapters(path, adapters, eval_set.label_names, tokenizer.pad_token_id)
     model = model.to(accelerator.device)
     metrics = evaluate(model, eval_set, tokenizer, accelerator, batch_size=args.batch_size,
-                       generate=args.generate, max_new_tokens=args.max_new_tokens)
+                       generate=args.generate, max_new_tokens=args.max_new_tokens, max_length=args.max_length)
     if accelerator.is_main_process:
         for note in notes:
             print(f"deltatune: {note}", file=sys.stderr)
@@ -205,6 +205,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 # --- parser -----------------------------------------------------------------------------------------------
+def _positive(value: str) -> int:
+    """An argparse type: a bad value ends in argparse's one-line usage error (status 2), not a traceback."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return number
+
+
 def _model_options(parser: argparse.ArgumentParser, adapter: str) -> None:
     """--model, and --adapter: "optional" (one folder), "required" (one folder) or "several" ([NAME=]PATH ...)."""
     parser.add_argument("--model", required=True, help="base model: embedded name, local folder or Hub id")
@@ -230,12 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(evaluation, "optional")
     evaluation.add_argument("--data", required=True, help="data file to evaluate on")
     evaluation.add_argument("--format", help="data format (default: detected)")
-    evaluation.add_argument("--max-length", type=int, default=512)
-    evaluation.add_argument("--batch-size", type=int, default=8)
+    evaluation.add_argument("--max-length", type=_positive, default=512)
+    evaluation.add_argument("--batch-size", type=_positive, default=8)
     evaluation.add_argument("--max-samples", type=int, help="evaluate on at most this many rows")
     evaluation.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True,
                             help="score exact match by generating answers (generative formats)")
-    evaluation.add_argument("--max-new-tokens", type=int, default=64)
+    evaluation.add_argument("--max-new-tokens", type=_positive, default=64)
     evaluation.add_argument("--skip-bad-rows", action="store_true")
     evaluation.add_argument("--json", metavar="PATH", help="also write the metrics to this JSON file")
     evaluation.set_defaults(func=cmd_eval)
@@ -245,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--use", metavar="NAME", help="adapter to start with (default: the first)")
     generate.add_argument("--prompt", help="answer this prompt and exit (default: chat, one turn per line)")
     generate.add_argument("--system", help="system message for the chat")
-    generate.add_argument("--max-new-tokens", type=int, default=256)
+    generate.add_argument("--max-new-tokens", type=_positive, default=256)
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     generate.set_defaults(func=cmd_generate)
 

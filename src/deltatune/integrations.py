@@ -24,6 +24,7 @@ give it the transformers model that carries the injected layers, and the PeftMod
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 from safetensors.torch import save_file
@@ -32,7 +33,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from deltatune.peft_model import PeftModel
 
-FULL_MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+# The full model Trainer may have saved beside the adapter: whole files, or shards and their index.
+FULL_MODEL_FILES = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
 
 def _unwrap(model):
@@ -71,10 +73,9 @@ class PeftSaveCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         peft_model = self.peft_model or _peft_model(model)
         peft_model.save_pretrained(folder)  # peft's layout: "default" at the top, other adapters in subfolders
-        for name in FULL_MODEL_FILES:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                os.remove(path)
+        for name in os.listdir(folder):
+            if FULL_MODEL_FILES.fullmatch(name) and os.path.isfile(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
         trainable = {name: p.detach().cpu().contiguous() for name, p in _unwrap(model).named_parameters()
                      if p.requires_grad}
         save_file(trainable, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})

@@ -6,22 +6,31 @@ are the same with one process or many.
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
 
 from deltatune.data import collate, prompt_and_reference
-from deltatune.data.demo_task import first_json_object, json_exact_match
+from deltatune.data.demo_task import json_exact_match
 from deltatune.trainer.examples import EvalSet
 from deltatune.trainer.generation import generate_answers
 from deltatune.trainer.loss import forward_logits, loss_sum
 
 
 def exact_match(prediction: str, reference: str) -> bool:
-    """Equal after trimming whitespace; a JSON-object answer is compared as a value (key order and spacing aside)."""
-    if first_json_object(reference) is not None:
+    """Equal after trimming whitespace; when both are a JSON object and nothing else, equal as values (key order and
+    spacing aside). Text around an object counts: 'No. {"a": 1}' does not match 'Yes. {"a": 1}'."""
+    if _is_json_object(reference) and _is_json_object(prediction):
         return json_exact_match(prediction, reference)
     return prediction.strip() == reference.strip()
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def _batches(indices: list[int], size: int):
@@ -31,8 +40,9 @@ def _batches(indices: list[int], size: int):
 
 @torch.no_grad()
 def evaluate(model, eval_set: EvalSet, tokenizer, accelerator, *, batch_size: int, generate: bool = False,
-             max_new_tokens: int = 64) -> dict[str, float]:
-    """eval_loss, perplexity, and accuracy (classification) or exact_match (with `generate`)."""
+             max_new_tokens: int = 64, max_length: int | None = None) -> dict[str, float]:
+    """eval_loss, perplexity, and accuracy (classification) or exact_match (with `generate`; prompts cut to fit
+    `max_length` with the answer, see generate_answers)."""
     was_training = model.training
     model.eval()
     mine = list(range(accelerator.process_index, len(eval_set.examples), accelerator.num_processes))
@@ -56,7 +66,8 @@ def evaluate(model, eval_set: EvalSet, tokenizer, accelerator, *, batch_size: in
         for chunk in _batches(rows, batch_size):
             pairs = [prompt_and_reference(eval_set.rows[i], eval_set.format) for i in chunk]
             with accelerator.autocast():
-                predictions = generate_answers(model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens)
+                predictions = generate_answers(model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens,
+                                               max_length)
             totals[2] += sum(exact_match(p, ref) for p, (_, ref) in zip(predictions, pairs, strict=True))
             totals[3] += len(chunk)
     totals = accelerator.reduce(totals, reduction="sum")

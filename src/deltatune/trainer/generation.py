@@ -18,12 +18,17 @@ Prompt = str | Sequence[Mapping]  # a plain prompt, or chat messages
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[Prompt], max_new_tokens: int,
-                     **generate_kwargs: Any) -> list[str]:
-    """The text generated after each prompt (new tokens only, special tokens dropped); greedy unless told."""
+                     max_length: int | None = None, **generate_kwargs: Any) -> list[str]:
+    """The text generated after each prompt (new tokens only, special tokens dropped); greedy unless told.
+
+    With `max_length` (the run's longest example), a prompt keeps only its last max_length - max_new_tokens tokens
+    (at least one), so that prompt and answer fit as they did in training, and in a model's position table."""
     if not prompts:
         return []
     device = next(model.parameters()).device
-    encoded = [{"input_ids": encode_prompt(tokenizer, prompt)} for prompt in prompts]
+    keep = max(max_length - max_new_tokens, 1) if max_length else None
+    encoded = [{"input_ids": encode_prompt(tokenizer, prompt)[-keep:] if keep else encode_prompt(tokenizer, prompt)}
+               for prompt in prompts]
     batch = collate(encoded, tokenizer.pad_token_id, padding_side="left")
     generate_kwargs.setdefault("do_sample", False)
     output = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),

@@ -176,7 +176,7 @@ class Run:
             return None
         metrics = evaluate(self.unwrapped, self.data.eval, self.tokenizer, self.accelerator,
                            batch_size=self.config.batch_size, generate=self.config.eval_generate,
-                           max_new_tokens=self.config.max_new_tokens)
+                           max_new_tokens=self.config.max_new_tokens, max_length=self.config.max_length)
         if self.main:
             self.log.append({"split": "eval", "step": step, **metrics})
         return metrics
