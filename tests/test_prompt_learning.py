@@ -8,10 +8,8 @@ from contextlib import contextmanager
 import peft
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama, tiny_t5
+from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     T5Config,
@@ -110,12 +108,7 @@ def test_prefix_sizes_the_cache_by_head_dim_when_the_model_sets_it():
 
 def test_prefix_keeps_token_type_ids_as_given():
     """A prefix adds cache entries, not input positions: GPT-2's token_type_ids keep the input's length."""
-
-    def gpt2():
-        torch.manual_seed(0)
-        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128)).eval()
-
-    ours, theirs = same_prefix_in_both(gpt2, task_type="CAUSAL_LM")
+    ours, theirs = same_prefix_in_both(tiny_gpt2, task_type="CAUSAL_LM")
     ids = torch.randint(1, 128, (2, 5))
     types = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
     with torch.no_grad():
@@ -195,12 +188,17 @@ def lively_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def make_causal(method: str):
+def make_lively(method: str, factory=None, task: str = "CAUSAL_LM"):
+    """A prompt adapter with randomised prompts on a model whose greedy output varies from step to step."""
     ours, _, kwargs = METHODS[method]
     torch.manual_seed(3)
-    model = dt.get_peft_model(lively_llama(), ours(task_type="CAUSAL_LM", num_virtual_tokens=N, **kwargs)).eval()
+    model = dt.get_peft_model((factory or lively_llama)(), ours(task_type=task, num_virtual_tokens=N, **kwargs)).eval()
     randomize_prompts(model)
     return model
+
+
+def make_causal(method: str):
+    return make_lively(method)
 
 
 @contextmanager
@@ -306,11 +304,7 @@ def lively_t5() -> T5ForConditionalGeneration:
 
 
 def make_seq2seq(method: str):
-    ours, _, kwargs = METHODS[method]
-    torch.manual_seed(3)
-    model = dt.get_peft_model(lively_t5(), ours(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N, **kwargs)).eval()
-    randomize_prompts(model)
-    return model
+    return make_lively(method, lively_t5, "SEQ_2_SEQ_LM")
 
 
 def seq2seq_greedy_by_forward(model, ids, mask, steps, decoder_ids=None):
