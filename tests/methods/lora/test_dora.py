@@ -376,3 +376,19 @@ def test_norm_follows_optimizer_steps_under_fsdp(tmp_path):
         assert abs(cached - fresh) < 1e-6
     finally:
         dist.destroy_process_group()
+
+
+def test_a_model_with_cached_norms_pickles_and_copies():
+    """The cache holds weak references, which do not pickle: it is left behind, and the copy recomputes."""
+    import copy
+    import io
+
+    model = deltatune.inject_adapter_in_model(deltatune.LoraConfig(**config_kwargs("linear", use_dora=True)),
+                                              holder("linear"))
+    x = layer_input("linear")
+    expected = model(x)  # caches the norm
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for clone in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert max_diff(clone(x), expected) < 1e-6

@@ -58,6 +58,16 @@ class DerivedCache:
             return None
         return self.value
 
+    # A cache is not part of a model's state: a pickled or copied model (torch.save(model), deepcopy) starts empty.
+    def __getstate__(self) -> bool:
+        return True  # a true value, so that unpickling calls __setstate__
+
+    def __setstate__(self, state: bool) -> None:
+        self.clear()
+
+    def __deepcopy__(self, memo: dict) -> DerivedCache:
+        return DerivedCache()
+
     def put(self, sources: Sequence[torch.Tensor], value: Any, extra: Any = None) -> Any:
         self._key = self._key_of(sources, extra)
         self._refs = tuple(weakref.ref(t) for t in sources)
