@@ -172,18 +172,19 @@ class DoraLinear(_Dora):
         lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         scaling = layer.scaling[adapter_name]
         g = layer.lora_magnitude_vector[adapter_name].weight / self.weight_norm(layer, adapter_name)
-        x = x.to(lora_A.weight.dtype)
         out_shape = result.shape
+        # Flat rows throughout: a 3-D input would cost lora_A a fold into 2-D and back, and autograd a view node each.
+        x = x.reshape(-1, x.shape[-1]).to(lora_A.weight.dtype)
+        result = result.reshape(-1, out_shape[-1])
         if _dropout_active(layer, adapter_name):
             # As peft: the rescaled base term sees the dropped-out input too, so it needs its own product.
             x = layer.lora_dropout[adapter_name](x)
             weight = layer.base_layer.weight.to(x.dtype)
-            base = F.linear(x, weight.T if layer.fan_in_fan_out else weight).reshape(-1, out_shape[-1])
-            z = torch.addmm(base, lora_A(x).reshape(-1, lora_B.in_features), lora_B.weight.T, alpha=scaling)
-            out = torch.addcmul(result.reshape(-1, out_shape[-1]) - base, z, g)
+            base = F.linear(x, weight.T if layer.fan_in_fan_out else weight)
+            z = torch.addmm(base, lora_A(x), lora_B.weight.T, alpha=scaling)
+            out = torch.addcmul(result - base, z, g)
         else:
-            result2 = result.reshape(-1, out_shape[-1]).to(x.dtype)
-            z = torch.addmm(result2, lora_A(x).reshape(-1, lora_B.in_features), lora_B.weight.T, alpha=scaling)
+            z = torch.addmm(result.to(x.dtype), lora_A(x), lora_B.weight.T, alpha=scaling)
             out = _rescaled(z, g, layer.base_layer.bias, (-1,))
         return out.view(out_shape)
 
