@@ -8,9 +8,16 @@ import random
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
 
+from deltatune import LoraConfig, get_peft_model
+from deltatune.checkpoint import AdapterLoadError
 from deltatune.trainer.checkpoints import (
     STATE_FILE,
+    TRAINABLE_FILE,
+    _load_weights,
+    _save_weights,
     list_checkpoints,
     remove_leftovers,
     rng_state,
@@ -63,3 +70,45 @@ def test_random_states_round_trip_through_a_weights_only_file(tmp_path):
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)[0])
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
+
+
+def _lora_with_batchnorm(seed: int):
+    torch.manual_seed(seed)
+    base = nn.Sequential()
+    base.add_module("lin", nn.Linear(4, 4))
+    base.add_module("bn", nn.BatchNorm1d(4))
+    return get_peft_model(base, LoraConfig(r=2, target_modules=["lin"], modules_to_save=["bn"]))
+
+
+def _bn_buffers(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.named_buffers() if "modules_to_save" in k}
+
+
+def test_resume_weights_carry_the_running_statistics_of_trained_batchnorm(tmp_path):
+    model = _lora_with_batchnorm(0).train()
+    for _ in range(3):
+        model(torch.randn(8, 4) * 3 + 1)  # training-mode forwards move the trained copy's running statistics
+    _save_weights(model, str(tmp_path))
+    trained = _bn_buffers(model)
+    assert trained["base_model.model.bn.modules_to_save.default.num_batches_tracked"].item() == 3
+
+    fresh = _lora_with_batchnorm(1)
+    _load_weights(fresh, str(tmp_path))
+    for name, value in _bn_buffers(fresh).items():
+        torch.testing.assert_close(value, trained[name], msg=name)
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(q, p, msg=name)
+
+
+def test_resume_weights_from_a_checkpoint_without_buffers_still_load(tmp_path):
+    model = _lora_with_batchnorm(0)
+    _save_weights(model, str(tmp_path))
+    path = tmp_path / TRAINABLE_FILE
+    params_only = {k: v for k, v in load_file(path).items() if "running" not in k and "num_batches" not in k}
+    save_file(params_only, path)
+    _load_weights(_lora_with_batchnorm(1), str(tmp_path))
+
+    save_file({**params_only, "stray.weight": torch.zeros(1)}, path)
+    with pytest.raises(AdapterLoadError, match="unexpected \\['stray.weight'\\]"):
+        _load_weights(_lora_with_batchnorm(1), str(tmp_path))

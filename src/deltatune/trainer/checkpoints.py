@@ -78,14 +78,29 @@ def _trainable(model) -> dict[str, torch.Tensor]:
     return {name: param for name, param in model.named_parameters() if param.requires_grad}
 
 
+def _trained_buffers(model) -> dict[str, torch.Tensor]:
+    """The persistent buffers of modules that own a trainable parameter: a fully trained BatchNorm (a
+    modules_to_save copy) updates its running statistics as it trains, and resuming must carry them on."""
+    owners = {id(p) for p in _trainable(model).values()}
+    buffers, seen = {}, set()
+    for prefix, module in model.named_modules():
+        if not any(id(p) in owners for p in module.parameters(recurse=False)):
+            continue
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set and id(buffer) not in seen:
+                seen.add(id(buffer))
+                buffers[f"{prefix}.{name}" if prefix else name] = buffer
+    return buffers
+
+
 def _save_weights(model, directory: str) -> None:
     if isinstance(model, PeftModel):
         model.save_pretrained(directory)
         # The adapter file holds what inference needs: for P-tuning and prefix projection that is the prompt table
         # the encoder computes, not the encoder's trained weights, which resuming needs. So every trainable tensor
-        # is kept beside it, under its live name.
-        save_file({k: v.detach().contiguous() for k, v in _trainable(model).items()},
-                  os.path.join(directory, TRAINABLE_FILE))
+        # (and the buffers trained with them) is kept beside it, under its live name.
+        state = {**_trainable(model), **_trained_buffers(model)}
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(directory, TRAINABLE_FILE))
     else:  # full fine-tuning: safetensors' own pair handles tied weights symmetrically
         save_model(model, os.path.join(directory, FULL_MODEL_FILE))
 
@@ -99,7 +114,9 @@ def _load_weights(model, directory: str) -> None:
         state_dict, source = load_adapter_weights(directory)
         set_peft_model_state_dict(model, state_dict, model.active_adapter, source=source)
         return
-    live, saved = _trainable(model), load_file(path)
+    saved = load_file(path)
+    # Buffers may be missing: checkpoints written before they were kept resume without them.
+    live = {**_trainable(model), **{k: b for k, b in _trained_buffers(model).items() if k in saved}}
     if set(live) != set(saved):
         missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
         raise AdapterLoadError(f"{path} does not hold this run's trainable parameters (missing {missing[:5]}, "
