@@ -77,7 +77,7 @@ def _persistent_buffers(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]
                 yield (f"{owner_name}.{name}" if owner_name else name), buffer
 
 
-def _adapter_buffers(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+def adapter_buffers(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """The persistent buffers of an adapter's module copies (modules_to_save, LN tuning), under file keys.
 
     peft saves a copy's whole state_dict, so a BatchNorm copy brings its running statistics; they are state, not
@@ -153,7 +153,7 @@ def _file_parameter_map(model: nn.Module, adapter_name: str, bias: str | None, s
     bias = _bias_option(model, adapter_name, bias)
     params = _walk(model, adapter_name, bias, saving)
     if buffers:
-        params.update(_adapter_buffers(model, adapter_name))
+        params.update(adapter_buffers(model, adapter_name))
     if _prompt_encoder(model, adapter_name) is None:
         return params
     # peft's prompt-learning models hold the transformers model one level higher (`base_model.<name>`).

@@ -72,11 +72,11 @@ def test_random_states_round_trip_through_a_weights_only_file(tmp_path):
     assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
 
 
-def _lora_with_batchnorm(seed: int):
+def _lora_with_batchnorm(seed: int, affine: bool = True):
     torch.manual_seed(seed)
     base = nn.Sequential()
     base.add_module("lin", nn.Linear(4, 4))
-    base.add_module("bn", nn.BatchNorm1d(4))
+    base.add_module("bn", nn.BatchNorm1d(4, affine=affine))
     return get_peft_model(base, LoraConfig(r=2, target_modules=["lin"], modules_to_save=["bn"]))
 
 
@@ -84,15 +84,16 @@ def _bn_buffers(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.named_buffers() if "modules_to_save" in k}
 
 
-def test_resume_weights_carry_the_running_statistics_of_trained_batchnorm(tmp_path):
-    model = _lora_with_batchnorm(0).train()
+@pytest.mark.parametrize("affine", [True, False])  # without affine parameters the copy owns no parameter
+def test_resume_weights_carry_the_running_statistics_of_trained_batchnorm(tmp_path, affine):
+    model = _lora_with_batchnorm(0, affine).train()
     for _ in range(3):
         model(torch.randn(8, 4) * 3 + 1)  # training-mode forwards move the trained copy's running statistics
     _save_weights(model, str(tmp_path))
     trained = _bn_buffers(model)
     assert trained["base_model.model.bn.modules_to_save.default.num_batches_tracked"].item() == 3
 
-    fresh = _lora_with_batchnorm(1)
+    fresh = _lora_with_batchnorm(1, affine)
     _load_weights(fresh, str(tmp_path))
     for name, value in _bn_buffers(fresh).items():
         torch.testing.assert_close(value, trained[name], msg=name)
@@ -112,3 +113,21 @@ def test_resume_weights_from_a_checkpoint_without_buffers_still_load(tmp_path):
     save_file({**params_only, "stray.weight": torch.zeros(1)}, path)
     with pytest.raises(AdapterLoadError, match="unexpected \\['stray.weight'\\]"):
         _load_weights(_lora_with_batchnorm(1), str(tmp_path))
+
+
+class _ViewBuffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2))
+        self.register_buffer("table", torch.arange(6.0).view(2, 3))
+        self.register_buffer("row", self.table[0])  # a view of another buffer: the two share memory
+
+
+def test_resume_weights_save_buffers_that_share_memory(tmp_path):
+    base = nn.Sequential()
+    base.add_module("lin", nn.Linear(4, 4))
+    base.add_module("extra", _ViewBuffers())
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["lin"], modules_to_save=["extra"]))
+    _save_weights(model, str(tmp_path))
+    saved = load_file(tmp_path / TRAINABLE_FILE)
+    assert torch.equal(saved["base_model.model.extra.modules_to_save.default.row"], torch.arange(3.0))

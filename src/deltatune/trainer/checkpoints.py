@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from deltatune import PeftModel
-from deltatune.checkpoint import AdapterLoadError, load_adapter_weights, set_peft_model_state_dict
+from deltatune.checkpoint import AdapterLoadError, adapter_buffers, load_adapter_weights, set_peft_model_state_dict
 from deltatune.trainer.loading import save_label_names
 
 STATE_FILE = "trainer_state.json"
@@ -79,15 +79,17 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 
 
 def _trained_buffers(model) -> dict[str, torch.Tensor]:
-    """The persistent buffers of modules that own a trainable parameter: a fully trained BatchNorm (a
-    modules_to_save copy) updates its running statistics as it trains, and resuming must carry them on."""
+    """Persistent buffers that change as the run trains, under their live names: those of the active adapter's
+    module copies (a BatchNorm in modules_to_save, with or without affine parameters) and of any module that owns
+    a trainable parameter."""
     owners = {id(p) for p in _trainable(model).values()}
+    copies = {id(b) for b in adapter_buffers(model, model.active_adapter).values()}
     buffers, seen = {}, set()
     for prefix, module in model.named_modules():
-        if not any(id(p) in owners for p in module.parameters(recurse=False)):
-            continue
+        owns = any(id(p) in owners for p in module.parameters(recurse=False))
         for name, buffer in module.named_buffers(recurse=False):
-            if name not in module._non_persistent_buffers_set and id(buffer) not in seen:
+            trained = owns or id(buffer) in copies
+            if trained and name not in module._non_persistent_buffers_set and id(buffer) not in seen:
                 seen.add(id(buffer))
                 buffers[f"{prefix}.{name}" if prefix else name] = buffer
     return buffers
@@ -99,8 +101,10 @@ def _save_weights(model, directory: str) -> None:
         # The adapter file holds what inference needs: for P-tuning and prefix projection that is the prompt table
         # the encoder computes, not the encoder's trained weights, which resuming needs. So every trainable tensor
         # (and the buffers trained with them) is kept beside it, under its live name.
-        state = {**_trainable(model), **_trained_buffers(model)}
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(directory, TRAINABLE_FILE))
+        # Buffers are cloned: one may be a view of another, and safetensors refuses tensors that share memory.
+        state = {**{k: v.detach().contiguous() for k, v in _trainable(model).items()},
+                 **{k: b.detach().clone() for k, b in _trained_buffers(model).items()}}
+        save_file(state, os.path.join(directory, TRAINABLE_FILE))
     else:  # full fine-tuning: safetensors' own pair handles tied weights symmetrically
         save_model(model, os.path.join(directory, FULL_MODEL_FILE))
 
@@ -115,8 +119,10 @@ def _load_weights(model, directory: str) -> None:
         set_peft_model_state_dict(model, state_dict, model.active_adapter, source=source)
         return
     saved = load_file(path)
-    # Buffers may be missing: checkpoints written before they were kept resume without them.
-    live = {**_trainable(model), **{k: b for k, b in _trained_buffers(model).items() if k in saved}}
+    buffers = _trained_buffers(model)
+    if not any(k in saved for k in buffers):
+        buffers = {}  # a checkpoint written before buffers were kept: resume without them
+    live = {**_trainable(model), **buffers}
     if set(live) != set(saved):
         missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
         raise AdapterLoadError(f"{path} does not hold this run's trainable parameters (missing {missing[:5]}, "

@@ -91,6 +91,19 @@ def test_dropout_in_training_matches_peft(kind):
     assert max_diff(ours(x), theirs(x)) < TOL
 
 
+def test_dropout_draws_peft_s_mask_on_a_permuted_input():
+    ours, theirs = dora_pair("linear", lora_dropout=0.3)
+    features = layer_input("linear").shape[-1]
+    x = torch.randn(3, 4, features, generator=torch.Generator().manual_seed(5)).transpose(0, 1)
+    assert not x.is_contiguous()  # flattening it takes a copy in another order than its own layout
+    ours.train()
+    theirs.train()
+    our_out, our_grads = output_and_grads(ours, x)
+    peft_out, peft_grads = output_and_grads(theirs, x)
+    assert max_diff(our_out, peft_out) < TOL
+    assert_same_grads(our_grads, peft_grads)
+
+
 @pytest.mark.parametrize("kind", LAYER_NAMES)
 def test_merge_equals_unmerged_and_unmerge_restores(kind):
     ours, theirs = dora_pair(kind)

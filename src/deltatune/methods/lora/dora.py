@@ -173,12 +173,15 @@ class DoraLinear(_Dora):
         scaling = layer.scaling[adapter_name]
         g = layer.lora_magnitude_vector[adapter_name].weight / self.weight_norm(layer, adapter_name)
         out_shape = result.shape
-        # Flat rows throughout: a 3-D input would cost lora_A a fold into 2-D and back, and autograd a view node each.
-        x = x.reshape(-1, x.shape[-1]).to(lora_A.weight.dtype)
-        result = result.reshape(-1, out_shape[-1])
-        if _dropout_active(layer, adapter_name):
-            # As peft: the rescaled base term sees the dropped-out input too, so it needs its own product.
+        x = x.to(lora_A.weight.dtype)
+        dropout = _dropout_active(layer, adapter_name)
+        if dropout:  # on the input as it comes, so that a seed draws the same mask as peft's
             x = layer.lora_dropout[adapter_name](x)
+        # Flat rows from here: a 3-D input would cost lora_A a fold into 2-D and back, and autograd a view node each.
+        x = x.reshape(-1, x.shape[-1])
+        result = result.reshape(-1, out_shape[-1])
+        if dropout:
+            # As peft: the rescaled base term sees the dropped-out input too, so it needs its own product.
             weight = layer.base_layer.weight.to(x.dtype)
             base = F.linear(x, weight.T if layer.fan_in_fan_out else weight)
             z = torch.addmm(base, lora_A(x), lora_B.weight.T, alpha=scaling)
