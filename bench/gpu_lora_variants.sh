@@ -13,6 +13,6 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 mkdir -p "$RESULTS"
 
 "$PYTHON" -c "import sys, torch; torch.cuda.is_available() or sys.exit('no CUDA device visible to torch ' + torch.__version__)"
-"$PYTHON" bench/mixed_batch.py --device cuda --batch 32 --seq 256 --steps 20 --warmup 5 --json "$RESULTS/mixed_batch-gpu.json"
-"$PYTHON" bench/dora_step.py --device cuda --batch 16 --seq 512 --accum 4 --steps 20 --warmup 5 \
+"$PYTHON" bench/mixed_batch.py --device cuda --batch 32 --seq 256 --steps 30 --warmup 5 --json "$RESULTS/mixed_batch-gpu.json"
+"$PYTHON" bench/dora_step.py --device cuda --batch 16 --seq 512 --accum 4 --steps 40 --warmup 5 \
     --json "$RESULTS/dora_step-gpu.json"
