@@ -8,7 +8,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import ARCHS, inputs_for, logits, lora_kwargs, max_diff, perturb_trainable, tiny_llama
+from conftest import ARCHS, inputs_for, logits, lora_kwargs, max_diff, perturb_trainable, tiny_gpt2, tiny_llama
 
 import deltatune
 from deltatune.layers import AdapterLayer
@@ -375,3 +375,14 @@ def test_get_peft_model_names_the_wrapped_model_and_revision_as_peft(tmp_path):
     saved = model.peft_config["default"]
     assert (saved.base_model_name_or_path, saved.revision) == (str(tmp_path / "base"), "v2")
     assert config.base_model_name_or_path == "some/other-model"  # the caller's config is left alone
+
+
+@pytest.mark.parametrize(("config", "library"), [
+    (deltatune.LoraConfig(target_modules=["c_attn"]), "peft"),
+    (deltatune.BitFitConfig(), "deltatune"),  # a method peft does not have
+])
+def test_model_card_names_the_libraries_that_read_the_adapter(config, library, tmp_path):
+    deltatune.get_peft_model(tiny_gpt2(), config).save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert f"library_name: {library}\n" in card
+    assert ("or peft" in card) == (library == "peft")

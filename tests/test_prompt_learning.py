@@ -90,6 +90,27 @@ def same_prefix_in_both(factory, **config):
     return ours, theirs
 
 
+@pytest.mark.parametrize(("method", "change", "field"), [
+    ("prompt", {"hidden_size": 48, "num_attention_heads": 4}, "token_dim"),
+    ("p_tuning_mlp", {"hidden_size": 48, "num_attention_heads": 4}, "token_dim"),
+    ("prefix_plain", {"num_hidden_layers": 3}, "num_layers"),
+])
+def test_loading_onto_a_base_of_other_sizes_names_the_field(method, change, field, tmp_path):
+    make(method).save_pretrained(tmp_path)
+    config = tiny_llama().config
+    for key, value in change.items():
+        setattr(config, key, value)
+    other = LlamaForCausalLM(config)
+    with pytest.raises(ValueError, match=f"{field}=.*this model needs {field}="):
+        dt.PeftModel.from_pretrained(other, tmp_path)
+
+
+def test_an_explicit_token_dim_must_fit_the_input_embeddings():
+    dt.get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, token_dim=32))
+    with pytest.raises(ValueError, match="token_dim=24, but this model needs token_dim=32"):
+        dt.get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, token_dim=24))
+
+
 def test_prefix_sizes_the_cache_by_head_dim_when_the_model_sets_it():
     """Gemma-style: head_dim set apart from hidden_size / num_attention_heads, as many KV heads as heads."""
 

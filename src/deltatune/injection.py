@@ -117,7 +117,11 @@ def resolve_targets(model: nn.Module, config: PeftConfig, method: Method) -> lis
         leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
         # Short leaf names when they select exactly the same layers, full names otherwise.
         same = {n for n, m in _user_modules(model) if _is_linear(m) and any(_ends_with(n, k) for k in leaves)}
-        return leaves if same == names else sorted(names)
+        expanded = leaves if same == names else sorted(names)
+        # IA3's feedforward_modules (dotted defaults such as "output.dense") must stay a subset of the saved
+        # target_modules, or neither library loads the file back; they name layers already selected.
+        feedforward = getattr(config, "feedforward_modules", None)
+        return sorted({*expanded, *feedforward}) if isinstance(feedforward, list) else expanded
     return sorted(targets) if isinstance(targets, list) else targets  # a list is a set of names to peft
 
 

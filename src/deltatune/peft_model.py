@@ -447,12 +447,14 @@ def resolve_adapter_dir(model_id: str | os.PathLike, subfolder: str | None = Non
 
 
 def _model_card(config: PeftConfig) -> str:
+    in_peft = get_method(config.peft_type).in_peft
+    readers = "deltatune or peft" if in_peft else "deltatune (peft has no such method)"
     return (
         "---\n"
         f"base_model: {config.base_model_name_or_path or 'unknown'}\n"
-        "library_name: peft\n"
+        f"library_name: {'peft' if in_peft else 'deltatune'}\n"
         "---\n\n"
-        f"# {config.peft_type} adapter\n\nTrained with deltatune; loads with deltatune or peft.\n"
+        f"# {config.peft_type} adapter\n\nTrained with deltatune; loads with {readers}.\n"
     )
 
 

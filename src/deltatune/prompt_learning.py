@@ -57,12 +57,44 @@ def _first_attr(config: Any, names: tuple[str, ...]) -> Any:
     return None
 
 
+DIMS = ("num_layers", "token_dim", "num_attention_heads")
+
+
 def resolve_dims(config: PromptLearningConfig, model: nn.Module) -> PromptLearningConfig:
-    """A copy of the config with the model-dependent sizes filled in (the caller's object is untouched)."""
-    config = copy.deepcopy(config)
+    """A copy of the config with the model-dependent sizes filled in (the caller's object is untouched).
+
+    Sizes already set, by the user or read from a saved adapter, must fit the model: a prompt table of the
+    wrong width or a prefix for another layer count would otherwise fail deep inside the model's forward."""
     model_config = getattr(model, "config", None)
     if hasattr(model_config, "get_text_config"):
         model_config = model_config.get_text_config()
+    resolved = _fill_dims(copy.deepcopy(config), model_config)
+    if all(getattr(config, name) is None for name in DIMS):
+        return resolved
+    fresh = copy.deepcopy(config)
+    for name in DIMS:
+        setattr(fresh, name, None)
+    try:
+        expected = {name: getattr(_fill_dims(fresh, model_config), name) for name in DIMS}
+    except ValueError:
+        return resolved  # the model's config does not say: the adapter config is all there is
+    if not config.is_prefix:
+        # Virtual tokens join the input embeddings, whatever width hidden_size says (ALBERT's differ); the layer
+        # and head counts a prompt config records go unused, as in peft.
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        width = getattr(embeddings, "embedding_dim", None)
+        expected = {"token_dim": width or expected["token_dim"]}
+    for name, value in expected.items():
+        if getattr(resolved, name) != value:
+            raise ValueError(
+                f"The {config.peft_type} config has {name}={getattr(resolved, name)}, but this model needs "
+                f"{name}={value}: the adapter was made for another base model. Load it onto the model it was "
+                f"trained on, or leave {name} unset (None) to read it from the model."
+            )
+    return resolved
+
+
+def _fill_dims(config: PromptLearningConfig, model_config: Any) -> PromptLearningConfig:
     if config.num_transformer_submodules is None:
         config.num_transformer_submodules = 2 if config.task_type == "SEQ_2_SEQ_LM" else 1
     inferred = {

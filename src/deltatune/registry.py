@@ -27,6 +27,7 @@ class Method:
     `create_prompt_encoder(config, word_embeddings, table_only)` builds a prompt-learning method's encoder, a
     module whose forward() returns its table of virtual-token vectors; `table_only` (loading a saved table)
     asks for the plain table form.
+    `in_peft` says whether peft knows the method, and so reads its adapter files.
     """
 
     peft_type: str
@@ -36,6 +37,7 @@ class Method:
     default_targets: dict[str, list[str]] | None = None
     prepare_config: Callable[[nn.Module, PeftConfig], PeftConfig] | None = None
     create_prompt_encoder: Callable[[PeftConfig, nn.Module, bool], nn.Module] | None = None
+    in_peft: bool = True
 
 
 _METHODS: dict[str, Method] = {}

@@ -93,9 +93,9 @@ def test_defaults_come_from_the_architecture_table(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "gpt2", "t5"])
-def test_all_linear_matches_peft(arch):
+def test_all_linear_matches_peft_and_its_file_loads_in_both(arch, tmp_path):
     """The default feedforward names (GPT-2's "mlp.c_proj", BERT's "output.dense") stay valid once "all-linear"
-    is expanded to leaf names."""
+    is expanded to leaf names, also in the saved config, which both libraries check on load."""
     factory, task = ARCHS[arch][:2]
     theirs = peft.get_peft_model(factory(), peft.IA3Config(task_type=task, target_modules="all-linear"))
     ours = deltatune.get_peft_model(factory(), deltatune.IA3Config(task_type=task, target_modules="all-linear"))
@@ -104,7 +104,12 @@ def test_all_linear_matches_peft(arch):
     assert any(v.shape[0] == 1 for v in state.values())  # some vectors scale a feedforward input
     deltatune.set_peft_model_state_dict(ours, state)
     inputs = inputs_for(arch)
-    assert max_diff(logits(ours.eval(), inputs), logits(theirs.eval(), inputs)) < 1e-5
+    expected = logits(theirs.eval(), inputs)
+    assert max_diff(logits(ours.eval(), inputs), expected) < 1e-5
+    ours.save_pretrained(tmp_path)
+    for loaded in (deltatune.PeftModel.from_pretrained(factory(), tmp_path),
+                   peft.PeftModel.from_pretrained(factory(), tmp_path)):
+        assert max_diff(logits(loaded.eval(), inputs), expected) < 1e-5
 
 
 def test_default_feedforward_modules_keep_only_targeted_ones():

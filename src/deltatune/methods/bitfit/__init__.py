@@ -11,6 +11,7 @@ register_method(
         layer_cls=BitFitLayer,
         create_layer=create_bitfit_layer,
         prepare_config=complete_bitfit_config,
+        in_peft=False,  # deltatune's own: peft cannot read these files
     )
 )
 

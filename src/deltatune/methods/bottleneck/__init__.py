@@ -17,6 +17,7 @@ register_method(
         layer_cls=BottleneckLayer,
         create_layer=create_bottleneck_layer,
         prepare_config=complete_bottleneck_config,
+        in_peft=False,  # deltatune's own: peft cannot read these files
     )
 )
 
