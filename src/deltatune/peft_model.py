@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import warnings
 from collections.abc import Iterator
@@ -304,11 +305,12 @@ class PeftModel(nn.Module):
         """generate() with one LoRA adapter per input row; generate() repeats a row for each beam or returned
         sequence, and its adapter with it (an encoder-decoder's encoder sees each row once)."""
         model = self.get_base_model()
+        kwargs = _generate_keywords(model, args, kwargs)
         expand = generation_expansion(model, kwargs)
         # generate() runs without gradients anyway; entering the block without them too lets the layers take their
         # adapter stacks once for the whole call.
-        with torch.no_grad(), mixed_adapter_rows(self, adapter_names, batch_size_of(args, kwargs), repeat=expand):
-            return model.generate(*args, **kwargs)
+        with torch.no_grad(), mixed_adapter_rows(self, adapter_names, batch_size_of((), kwargs), repeat=expand):
+            return model.generate(**kwargs)
 
     def _generate_with_prefix(self, kwargs: dict[str, Any]) -> Any:
         """transformers' generate() with the prefix as the starting KV cache of the (decoder's) self-attention.
@@ -473,7 +475,7 @@ class PeftModelForCausalLM(PeftModel):
             return self._generate_mixed(adapter_names, args, kwargs)
         if not self._prompt_active:
             return self.get_base_model().generate(*args, **kwargs)
-        kwargs = _prompt_generate_kwargs(args, kwargs)
+        kwargs = _prompt_generate_kwargs(self.get_base_model(), args, kwargs)
         if self.peft_config[self.active_adapter].is_prefix:
             return self._generate_with_prefix(kwargs)
         input_ids = kwargs.pop("input_ids")
@@ -500,7 +502,7 @@ class PeftModelForSeq2SeqLM(PeftModel):
             return self._generate_mixed(adapter_names, args, kwargs)
         if not self._prompt_active:
             return self.get_base_model().generate(*args, **kwargs)
-        kwargs = _prompt_generate_kwargs(args, kwargs)
+        kwargs = _prompt_generate_kwargs(self.get_base_model(), args, kwargs)
         if self.peft_config[self.active_adapter].is_prefix:
             return self._generate_with_prefix(kwargs)
         prepared = self._prompt_inputs(
@@ -509,10 +511,27 @@ class PeftModelForSeq2SeqLM(PeftModel):
         return self.get_base_model().generate(**prepared, **kwargs)
 
 
-def _prompt_generate_kwargs(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    kwargs = dict(kwargs)
-    if args:
-        kwargs["input_ids"] = args[0]
+def _generate_keywords(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """generate()'s arguments all as keywords, positional ones (inputs, generation_config, ...) under the names
+    the model's generate() gives them, so that the options read here are the ones generate() will use."""
+    if not args:
+        return dict(kwargs)
+    positional = [p.name for p in inspect.signature(model.generate).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(positional):
+        raise TypeError(f"generate() takes at most {len(positional)} positional arguments ({positional}); "
+                        f"got {len(args)}.")
+    named = dict(zip(positional, args, strict=False))
+    twice = sorted(named.keys() & kwargs.keys())
+    if twice:
+        raise TypeError(f"generate() got multiple values for {twice}.")
+    return {**named, **kwargs}
+
+
+def _prompt_generate_kwargs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = _generate_keywords(model, args, kwargs)
+    if torch.is_tensor(kwargs.get("inputs")) and kwargs.get("input_ids") is None:
+        kwargs["input_ids"] = kwargs.pop("inputs")
     if kwargs.get("input_ids") is None:
         raise ValueError("generate() with a prompt-learning adapter needs input_ids.")
     given_cache = any(kwargs.get(name) is not None for name in prompt_learning.CACHE_ARGUMENTS)

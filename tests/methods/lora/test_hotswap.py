@@ -213,3 +213,39 @@ def test_weighted_merge_after_swapping_in_a_subset_adapter_matches_peft(adapters
     from peft.utils.hotswap import hotswap_adapter as peft_hotswap
 
     torch.testing.assert_close(merged(deltatune, hotswap_adapter), merged(peft, peft_hotswap), atol=1e-5, rtol=1e-5)
+
+
+def test_peft_keywords_are_accepted(adapters, tmp_path):
+    model = load(adapters["small"])
+    prepare_model_for_compiled_hotswap(model, target_rank=8, config=model.peft_config, check_compiled="error")
+    assert model.peft_config["default"].r == 4  # the adapter keeps its own rank; the padding is internal
+    hotswap_adapter(model, adapters["large"], adapter_name="default", torch_device="cpu")
+    torch.testing.assert_close(logits(model), logits(load(adapters["large"])))
+    nested = tmp_path / "nested"
+    save_adapter(nested / "inner", seed=5, r=4)
+    hotswap_adapter(model, nested, "default", subfolder="inner")
+    torch.testing.assert_close(logits(model), logits(load(str(nested / "inner"))))
+    with pytest.raises(ValueError, match="check_compiled must be"):
+        prepare_model_for_compiled_hotswap(model, check_compiled="maybe")
+
+
+def test_prepare_on_a_compiled_model_follows_check_compiled(adapters):
+    compiled = torch.compile(load(adapters["small"]))
+    with pytest.raises(ValueError, match="before torch.compile.*check_compiled='warn'"):
+        prepare_model_for_compiled_hotswap(compiled, target_rank=8)
+    with pytest.warns(UserWarning, match="before torch.compile"):
+        prepare_model_for_compiled_hotswap(compiled, target_rank=8, check_compiled="warn")
+    prepare_model_for_compiled_hotswap(compiled, target_rank=8, check_compiled="ignore")
+
+
+def test_swap_takes_the_new_adapters_dropout(adapters, tmp_path):
+    model = load(adapters["small"])
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.lora_dropout["default"], torch.nn.Identity)
+    dropped = save_adapter(tmp_path / "dropped", seed=6, r=4, lora_dropout=0.3)
+    hotswap_adapter(model, dropped)
+    assert isinstance(layer.lora_dropout["default"], torch.nn.Dropout) and layer.lora_dropout["default"].p == 0.3
+    hotswap_adapter(model, save_adapter(tmp_path / "dropped2", seed=7, r=4, lora_dropout=0.1))
+    assert layer.lora_dropout["default"].p == 0.1
+    hotswap_adapter(model, adapters["small"])
+    assert isinstance(layer.lora_dropout["default"], torch.nn.Identity)

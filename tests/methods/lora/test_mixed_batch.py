@@ -269,6 +269,54 @@ def test_layers_forget_the_rows_after_the_call():
     assert layer.mixed_rows is None
 
 
+def test_a_setup_that_fails_halfway_leaves_no_layer_routing_rows(monkeypatch):
+    from deltatune.methods.lora import mixed_batch
+    from deltatune.methods.lora.layers import LoraLinear
+
+    model = mixed_model()
+    ids = torch.randint(1, 128, (2, 5))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        original, calls = mixed_batch.stacked_factors, []
+
+        def fail_on_third(layer, *args):
+            calls.append(layer)
+            if len(calls) == 3:
+                raise torch.OutOfMemoryError("simulated")
+            return original(layer, *args)
+
+        monkeypatch.setattr(mixed_batch, "stacked_factors", fail_on_third)
+        with pytest.raises(torch.OutOfMemoryError):
+            model(input_ids=ids, adapter_names=["a", "b"])
+        assert all(m.mixed_rows is None for m in model.modules() if isinstance(m, LoraLinear))
+        torch.testing.assert_close(model(input_ids=ids).logits, expected)
+
+
+def test_generate_reads_a_generation_config_passed_by_position():
+    from transformers import GenerationConfig
+
+    model = mixed_model()
+    ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(2))
+    config = GenerationConfig(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    by_keyword = model.generate(ids, generation_config=config, adapter_names=["a", "b"])
+    by_position = model.generate(ids, config, adapter_names=["a", "b"])
+    assert by_position.shape[0] == 4
+    assert torch.equal(by_position, by_keyword)
+    with pytest.raises(TypeError, match="multiple values for \\['generation_config'\\]"):
+        model.generate(ids, config, generation_config=config, adapter_names=["a", "b"])
+
+
+def test_seq2seq_rows_from_encoder_outputs():
+    model = deltatune.get_peft_model(tiny_t5(), deltatune.LoraConfig(task_type="SEQ_2_SEQ_LM", target_modules=["q"]),
+                                     adapter_name="a").eval()
+    ids, decoder_ids = torch.randint(1, 64, (2, 6)), torch.zeros(2, 1, dtype=torch.long)
+    with torch.no_grad():
+        encoded = model.get_base_model().get_encoder()(input_ids=ids)
+        from_ids = model(input_ids=ids, decoder_input_ids=decoder_ids, adapter_names=["a", BASE]).logits
+        from_encoded = model(encoder_outputs=encoded, decoder_input_ids=decoder_ids, adapter_names=["a", BASE]).logits
+    assert from_encoded.shape == from_ids.shape
+
+
 def test_an_active_adapter_of_another_method_does_not_leak_into_the_rows():
     model = mixed_model()
     model.add_adapter("ia3", deltatune.IA3Config(target_modules=["k_proj"], feedforward_modules=[]))

@@ -7,6 +7,9 @@ factors change shape), so every layer is zero-padded to one declared maximum ran
 (a Python float is baked into the graph), so each scaling becomes a 0-d tensor updated in place. Zero rows of A
 and zero columns of B add nothing, so a padded adapter computes what the unpadded one does.
 
+A swap between an adapter without dropout and one with it replaces that layer's dropout module (a compiled
+training graph recompiles once); equal kinds only update the probability.
+
 Each layer's `r` stays the rank of the adapter now in the slot (0 where a swapped-in adapter leaves the layer out),
 whatever the padded shape: save_pretrained cuts the factors back to it (LoraLayer.saved_parameters), so the files
 written are those of the adapter itself, loadable by peft and deltatune alike.
@@ -15,6 +18,7 @@ written are those of the adapter itself, loadable by peft and deltatune alike.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -27,6 +31,7 @@ from deltatune.checkpoint import (
 )
 from deltatune.config import PeftConfig
 from deltatune.layers import adapter_layers
+from deltatune.methods.lora.config import LoraConfig
 from deltatune.methods.lora.layers import LoraEmbedding, LoraLayer, lora_scaling, pattern_value
 
 
@@ -61,13 +66,25 @@ def _set_factors(layer: LoraLayer, adapter_name: str, a: torch.Tensor, b: torch.
             setattr(module, attr, (a if module is module_a else b).shape[dim])
 
 
-def prepare_model_for_compiled_hotswap(model: nn.Module, target_rank: int | None = None) -> None:
+def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_rank: int | None = None,
+                                       config: LoraConfig | dict[str, LoraConfig] | None = None,
+                                       check_compiled: str = "error") -> None:
     """Pad every LoRA adapter of `model` to rank `target_rank` (default: the largest rank loaded) and turn each
     scaling into a tensor, so that later `hotswap_adapter` calls with ranks up to `target_rank` and any alpha do
-    not recompile a torch.compile'd model. Call it before torch.compile."""
+    not recompile a torch.compile'd model. Call it before torch.compile.
+
+    `config` is accepted as in peft, which rewrites the configs' rank to `target_rank`; deltatune leaves them
+    alone, since each adapter keeps its own rank (the padding is cut off again on save). `check_compiled` says what
+    to do with an already compiled model: "error", "warn" (go on; the swaps will recompile) or "ignore"."""
+    if check_compiled not in ("error", "warn", "ignore"):
+        raise ValueError(f"check_compiled must be 'error', 'warn' or 'ignore', got {check_compiled!r}.")
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        raise ValueError("prepare_model_for_compiled_hotswap must run before torch.compile, not on the compiled "
-                         "model.")
+        message = ("prepare_model_for_compiled_hotswap should run before torch.compile: on the compiled model, "
+                   "the padding itself recompiles.")
+        if check_compiled == "error":
+            raise ValueError(message + " Pass check_compiled='warn' to go on anyway.")
+        if check_compiled == "warn":
+            warnings.warn(message, stacklevel=2)
     layers = [layer for _, layer in adapter_layers(_base(model)) if isinstance(layer, LoraLayer)]
     ranks = [_factors(layer, n)[0].shape[0] for layer in layers for n in layer.adapter_names]
     if not ranks:
@@ -90,10 +107,14 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, target_rank: int | None
                 layer.scaling[name] = torch.tensor(scaling, device=a.device)
 
 
-def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike, adapter_name: str = "default") -> None:
+def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike, adapter_name: str = "default",
+                    torch_device: str | None = None, subfolder: str | None = None, revision: str | None = None
+                    ) -> None:
     """Replace the weights of the loaded LoRA adapter `adapter_name` of `model` (a PeftModel) with those of the
-    adapter saved at `model_name_or_path`, in place. The new adapter must target the same modules or a subset
-    (layers it leaves out are zeroed), with a rank no larger than the loaded (or padded) one."""
+    adapter saved at `model_name_or_path` (`subfolder` / `revision` as in from_pretrained), in place. The new
+    adapter must target the same modules or a subset (layers it leaves out are zeroed), with a rank no larger than
+    the loaded (or padded) one. `torch_device` is accepted as in peft; the weights always go to the device of the
+    parameters they replace."""
     from deltatune.peft_model import resolve_adapter_dir
 
     if adapter_name not in model.peft_config:
@@ -104,7 +125,7 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike, ada
         raise ValueError(f"Adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() before "
                          "hot-swapping it (a swap now would leave the old adapter merged in for good).")
     old_config = model.peft_config[adapter_name]
-    directory = resolve_adapter_dir(model_name_or_path)
+    directory = resolve_adapter_dir(model_name_or_path, subfolder, revision)
     config = PeftConfig.from_pretrained(directory)
     for which, cfg in (("loaded", old_config), ("new", config)):
         if cfg.peft_type != "LORA" or cfg.use_dora or cfg.modules_to_save:
@@ -140,12 +161,21 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike, ada
         scaling = lora_scaling(r, alpha, config.use_rslora)
         layer.r[adapter_name] = ranks[name]
         layer.lora_alpha[adapter_name] = alpha
+        _set_dropout(layer, adapter_name, config.lora_dropout)
         if torch.is_tensor(layer.scaling[adapter_name]):
             layer.scaling[adapter_name].fill_(scaling)
         else:
             layer.scaling[adapter_name] = scaling
     config.inference_mode = old_config.inference_mode
     model.peft_config[adapter_name] = config
+
+
+def _set_dropout(layer: LoraLayer, adapter_name: str, p: float) -> None:
+    current = layer.lora_dropout[adapter_name]
+    if isinstance(current, nn.Dropout) and p > 0:
+        current.p = p
+    elif isinstance(current, nn.Dropout) or p > 0:
+        layer.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 def _checked_updates(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor], path: str
@@ -173,8 +203,9 @@ def _checked_updates(model: nn.Module, adapter_name: str, state_dict: dict[str, 
             if tensor.shape[rank_dim] > param.shape[rank_dim]:
                 raise AdapterLoadError(
                     f"{path} has rank {tensor.shape[rank_dim]} at {key}, larger than the loaded rank "
-                    f"{param.shape[rank_dim]}. Call prepare_model_for_compiled_hotswap(model, target_rank="
-                    f"{tensor.shape[rank_dim]}) (or more) before torch.compile."
+                    f"{param.shape[rank_dim]}. Make room first with prepare_model_for_compiled_hotswap(model, "
+                    f"target_rank={tensor.shape[rank_dim]}) (or more), once, before any torch.compile; or load the "
+                    "adapter with load_adapter if the model is not compiled."
                 )
             ranks[name] = max(ranks[name], tensor.shape[rank_dim])
             updates.append((param, tensor.to(device=param.device, dtype=param.dtype)))

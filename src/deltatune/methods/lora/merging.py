@@ -239,10 +239,10 @@ def _check_arguments(model: PeftModel, adapters: list[str], weights: list[float]
         if getattr(config, "use_dora", False):
             raise ValueError(f"add_weighted_adapter does not support DoRA adapters ({name!r} uses DoRA).")
     if combination_type.removesuffix("_svd") in NEEDS_DENSITY and len(adapters) > 1:
-        if density is None or not 0 <= density <= 1:
+        if density is None or not 0 < density <= 1:
             raise ValueError(
                 f"combination_type={combination_type!r} prunes each adapter: pass density, the fraction of entries "
-                f"to keep, between 0 and 1 (got {density!r})."
+                f"to keep, above 0 and at most 1 (got {density!r})."
             )
         if density == 1:
             warnings.warn("density=1 keeps every entry: nothing is pruned.", stacklevel=3)
@@ -317,6 +317,8 @@ def add_weighted_adapter(
     activated. A modules_to_save copy held by one of the adapters is copied into the new adapter.
     """
     adapters, weights = list(adapters), [float(w) for w in weights]
+    if svd_clamp is not None and not 0 <= svd_clamp <= 1:
+        raise ValueError(f"svd_clamp is a quantile of the factors' entries, between 0 and 1; got {svd_clamp!r}.")
     configs = _check_arguments(model, adapters, weights, adapter_name, combination_type, density,
                                majority_sign_method)
     combination = "linear" if len(adapters) == 1 else combination_type

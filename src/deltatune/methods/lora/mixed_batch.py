@@ -62,28 +62,29 @@ def mixed_adapter_rows(peft_model: PeftModel, adapter_names: Sequence[str], batc
                              "training mode. Call model.eval() or use adapters without lora_dropout.")
     rows_by_slots: dict[tuple[tuple[str, ...], torch.device], dict[int, torch.Tensor]] = {}
     lora_layers = [layer for layer in layers if isinstance(layer, LoraLinear)]
+    wrappers = [wrapper for _, wrapper in injection.wrappers(model)]
+    others = [layer for layer in layers if not isinstance(layer, LoraLinear)]
     # Without gradients (inference, generate()), each layer's stacks are looked up once for the whole call rather
     # than checked against the weights in every forward: generate() runs one forward per new token.
     once = not torch.is_grad_enabled()
-    for layer in lora_layers:
-        slots, device = tuple(layer.lora_A), layer.base_layer.weight.device
-        if (slots, device) not in rows_by_slots:  # layers with the same adapters share one index tensor
-            index = {name: i + 1 for i, name in enumerate(slots)}
-            rows = torch.tensor([index.get(name, 0) for name in adapter_names])
-            # An encoder-decoder's encoder sees the batch once, its decoder each row `repeat` times.
-            rows_by_slots[slots, device] = {len(rows): rows.to(device),
-                                            len(rows) * repeat: rows.repeat_interleave(repeat).to(device)}
-        stacks = stacked_factors(layer, tuple(names), _factor_dtype(layer)) if once else None
-        layer.mixed_rows = (tuple(names), rows_by_slots[slots, device], stacks)
-    # modules_to_save copies take each row's adapter's copy; other methods' layers run as the bare model.
-    wrappers = [wrapper for _, wrapper in injection.wrappers(model)]
-    per_row = list(adapter_names)
-    for wrapper in wrappers:
-        wrapper.mixed_rows = {len(per_row): per_row, len(per_row) * repeat: [n for n in per_row for _ in range(repeat)]}
-    others = [layer for layer in layers if not isinstance(layer, LoraLinear)]
-    for layer in others:
-        layer.disabled = True
-    try:
+    try:  # the routing is undone even if setting it up fails halfway (out of memory while stacking)
+        for layer in lora_layers:
+            slots, device = tuple(layer.lora_A), layer.base_layer.weight.device
+            if (slots, device) not in rows_by_slots:  # layers with the same adapters share one index tensor
+                index = {name: i + 1 for i, name in enumerate(slots)}
+                rows = torch.tensor([index.get(name, 0) for name in adapter_names])
+                # An encoder-decoder's encoder sees the batch once, its decoder each row `repeat` times.
+                rows_by_slots[slots, device] = {len(rows): rows.to(device),
+                                                len(rows) * repeat: rows.repeat_interleave(repeat).to(device)}
+            stacks = stacked_factors(layer, tuple(names), _factor_dtype(layer)) if once else None
+            layer.mixed_rows = (tuple(names), rows_by_slots[slots, device], stacks)
+        # modules_to_save copies take each row's adapter's copy; other methods' layers run as the bare model.
+        per_row = list(adapter_names)
+        for wrapper in wrappers:
+            wrapper.mixed_rows = {len(per_row): per_row,
+                                  len(per_row) * repeat: [n for n in per_row for _ in range(repeat)]}
+        for layer in others:
+            layer.disabled = True
         yield
     finally:
         for layer in others:
@@ -123,10 +124,13 @@ def _check_request(peft_model: PeftModel, adapter_names: Sequence[str], batch_si
 
 
 def batch_size_of(args: tuple, kwargs: dict[str, Any]) -> int:
-    for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+    encoder_outputs = kwargs.get("encoder_outputs")
+    candidates = (*args[:1], *(kwargs.get(name) for name in ("input_ids", "inputs_embeds", "inputs")),
+                  encoder_outputs[0] if encoder_outputs is not None else None, kwargs.get("decoder_input_ids"))
+    for value in candidates:
         if torch.is_tensor(value):
             return value.shape[0]
-    raise ValueError("adapter_names needs input_ids or inputs_embeds to know the batch size.")
+    raise ValueError("adapter_names needs input_ids, inputs_embeds or encoder_outputs to know the batch size.")
 
 
 def generation_expansion(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:
