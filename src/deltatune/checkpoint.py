@@ -8,7 +8,9 @@ a layer stores them padded (LoRA prepared for hot-swapping).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 
@@ -25,7 +27,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PROMPT_KEY = "prompt_embeddings"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 MODEL_CARD_NAME = "README.md"
-# Layer names for which peft also saves the base weights of an adapted layer (see peft_embedding_base_weights).
+# Layer names that make peft save the embedding base weights beside an adapter (see embedding_weights).
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
@@ -129,23 +131,71 @@ def _peft_wrapper_bias_copies(model: nn.Module, adapter_name: str) -> dict[str, 
     return out
 
 
-def peft_embedding_base_weights(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
-    """Base weights peft writes beside the adapter when it adapts a layer named embed_tokens or lm_head (peft's
-    `save_embedding_layers="auto"`, for a vocabulary resized before training), under `<layer>.base_layer.weight`.
+def embedding_weights(model: nn.Module, adapter_name: str, save_embedding_layers: bool | str = "auto"
+                      ) -> dict[str, torch.Tensor]:
+    """{file key: base weight} of the input and output embeddings that peft writes beside an adapter (its
+    `save_embedding_layers`), so that an adapter trained on a resized vocabulary carries the rows it needs.
 
-    deltatune writes them too, so the files match peft's key for key, and loads them into the frozen base layer
-    when a file has them.
+    peft's rule: "auto" means True when target_modules names embed_tokens or lm_head (then only those embedding
+    layers the adapter adapts, as `<layer>.base_layer.weight`), or when the model's vocabulary differs from its
+    base model's config.json (read only from a local folder: nothing is fetched); True writes both embedding
+    layers, adapted or not (`<layer>.weight`). Embeddings held as modules_to_save copies are saved as such.
     """
-    out: dict[str, nn.Parameter] = {}
-    for name, module in model.named_modules():
-        if (
-            isinstance(module, AdapterLayer)
-            and next(module.saved_parameters(adapter_name), None) is not None
-            and name.rpartition(".")[2] in EMBEDDING_LAYER_NAMES
-            and isinstance(module.base_layer, nn.Embedding | nn.Linear)
-        ):
-            out[f"{name}.base_layer.weight"] = module.base_layer.weight
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if config is None or _prompt_encoder(model, adapter_name) is not None or not hasattr(base, "get_input_embeddings"):
+        return {}
+    targeted = _embeddings_targeted(base, config)
+    if save_embedding_layers == "auto":
+        save_embedding_layers = targeted or _vocabulary_resized(base, config)
+    return _embedding_layer_weights(model, base, adapted_only=targeted) if save_embedding_layers else {}
+
+
+def loadable_embedding_weights(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Every embedding base weight an adapter file may hold (see embedding_weights), whatever rule wrote it."""
+    if _prompt_encoder(model, adapter_name) is not None:
+        return {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _embedding_layer_weights(model, base, adapted_only=False) if hasattr(base, "get_input_embeddings") else {}
+
+
+def _embedding_layer_weights(model: nn.Module, base: nn.Module, adapted_only: bool) -> dict[str, torch.Tensor]:
+    names = {id(module): name for name, module in model.named_modules()}
+    out: dict[str, torch.Tensor] = {}
+    for layer in (base.get_input_embeddings(), base.get_output_embeddings()):
+        if layer is None or isinstance(layer, ModulesToSaveWrapper):
+            continue
+        adapted = isinstance(layer, AdapterLayer) and isinstance(layer.base_layer, nn.Embedding | nn.Linear)
+        if adapted_only and not adapted:
+            continue
+        module = layer.base_layer if adapted else layer
+        prefix = f"{names[id(module)]}." if names.get(id(module)) else ""
+        out.update((prefix + key, param) for key, param in module.named_parameters())
     return out
+
+
+def _embeddings_targeted(base: nn.Module, config: object) -> bool:
+    """Whether target_modules names an embedding layer, as peft decides it (exact names in a list; a pattern that
+    matches a module called embed_tokens or lm_head)."""
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return False
+        return any(re.fullmatch(targets, name) for name, _ in base.named_modules()
+                   if re.fullmatch(rf"(.*\.)?({'|'.join(EMBEDDING_LAYER_NAMES)})", name))
+    return bool(targets) and any(name in targets for name in EMBEDDING_LAYER_NAMES)
+
+
+def _vocabulary_resized(base: nn.Module, config: object) -> bool:
+    vocab = getattr(getattr(base, "config", None), "vocab_size", None)
+    origin = getattr(config, "base_model_name_or_path", None)
+    path = os.path.join(origin, "config.json") if origin else ""
+    if not vocab or not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    saved = saved.get("text_config", saved) if "vocab_size" not in saved else saved
+    return saved.get("vocab_size", vocab) != vocab
 
 
 def _file_parameter_map(model: nn.Module, adapter_name: str, bias: str | None, saving: bool = False,
@@ -161,17 +211,19 @@ def _file_parameter_map(model: nn.Module, adapter_name: str, bias: str | None, s
     return {("base_model." + k[len(inner):] if k.startswith(inner) else k): p for k, p in params.items()}
 
 
-def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default", bias: str | None = None
-                              ) -> dict[str, torch.Tensor]:
+def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default", bias: str | None = None,
+                              save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
     """The adapter's tensors under peft's file keys (detached; ready for safetensors).
 
     A prompt-learning adapter is saved as its final table of virtual-token vectors (`prompt_embeddings`),
-    whatever encoder produced it, as peft does.
+    whatever encoder produced it, as peft does. `save_embedding_layers` as in peft (see embedding_weights).
     """
     out = {k: p.detach() for k, p in _file_parameter_map(model, adapter_name, bias, saving=True, buffers=True).items()}
     if _bias_option(model, adapter_name, bias) == "all":
         out.update({k: p.detach() for k, p in _peft_wrapper_bias_copies(model, adapter_name).items()})
-    out.update({k: p.detach() for k, p in peft_embedding_base_weights(model, adapter_name).items()})
+    # Tied input and output embeddings are one tensor under two keys: safetensors needs two.
+    out.update({k: p.detach().clone() for k, p in embedding_weights(model, adapter_name, save_embedding_layers).items()
+                if k not in out})
     encoder = _prompt_encoder(model, adapter_name)
     if encoder is not None:
         with torch.no_grad():
@@ -198,7 +250,7 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     # Buffers are optional: files written before deltatune saved them have none, and the live values stay.
     with_buffers = _file_parameter_map(model, adapter_name, bias, buffers=True)
     buffers = {k: b for k, b in with_buffers.items() if k not in expected}
-    optional = {**peft_embedding_base_weights(model, adapter_name), **buffers}
+    optional = {**loadable_embedding_weights(model, adapter_name), **buffers}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected) - set(optional))
     if strict and (missing or unexpected):

@@ -345,13 +345,18 @@ class PeftModel(nn.Module):
         safe_serialization: bool = True,
         is_main_process: bool = True,
         path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+        save_embedding_layers: bool | str = "auto",
         **_: Any,
     ) -> None:
         """Write each adapter in peft's layout: the default at the top, others in a subfolder of their name.
 
         With path_initial_model_for_weight_conversion (the folder a PiSSA / OLoRA adapter was saved to right after
         initialisation), each adapter is written as the equivalent plain LoRA adapter for the original base model.
+        save_embedding_layers (True, False or "auto") also writes the base model's input and output embedding
+        weights, as peft does: needed to load an adapter trained after resizing the vocabulary.
         """
+        if save_embedding_layers not in (True, False, "auto"):
+            raise ValueError(f"save_embedding_layers must be True, False or 'auto', got {save_embedding_layers!r}.")
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; pass a folder.")
@@ -368,7 +373,7 @@ class PeftModel(nn.Module):
                 base = type(self.get_base_model())
                 config.auto_mapping = {"base_model_class": base.__name__, "parent_library": base.__module__}
             card = None if os.path.exists(os.path.join(out, MODEL_CARD_NAME)) else _model_card(config)
-            tensors = get_peft_model_state_dict(self, name)
+            tensors = get_peft_model_state_dict(self, name, save_embedding_layers=save_embedding_layers)
             if path_initial_model_for_weight_conversion is not None:
                 from deltatune.methods.lora.init import convert_to_plain_lora
 

@@ -9,7 +9,8 @@ import json
 
 import peft
 import pytest
-from conftest import ARCHS, inputs_for, logits, lora_kwargs, max_diff, perturb_trainable
+import torch
+from conftest import ARCHS, inputs_for, logits, lora_kwargs, max_diff, perturb_trainable, tiny_llama
 from safetensors.torch import load_file
 
 import deltatune
@@ -164,3 +165,44 @@ def test_multiple_adapters_saved_by_deltatune_load_in_peft(tmp_path):
         ours.set_adapter(name)
         theirs.set_adapter(name)
         assert max_diff(logits(ours, inputs), logits(theirs, inputs)) < TOL
+
+
+def _resized_llama(seed: int):
+    """A tiny Llama whose vocabulary grew by 8 tokens; the new rows depend on `seed`, as after any resize."""
+    model = tiny_llama(tie=True)
+    torch.manual_seed(seed)
+    model.resize_token_embeddings(136)
+    return model
+
+
+@pytest.mark.parametrize("save", [True, "auto-targeted", False])
+def test_embedding_layers_are_saved_and_loaded_as_peft_does(tmp_path, save):
+    targets = ["q_proj", "embed_tokens"] if save == "auto-targeted" else ["q_proj", "v_proj"]
+    flag = "auto" if save == "auto-targeted" else save
+    ids = torch.randint(128, 136, (2, 5), generator=torch.Generator().manual_seed(0))  # the new tokens
+    files = {}
+    for lib in (peft, deltatune):
+        model = lib.get_peft_model(_resized_llama(seed=1), lib.LoraConfig(target_modules=targets))
+        perturb_trainable(model)
+        model.save_pretrained(tmp_path / lib.__name__, save_embedding_layers=flag)
+        files[lib.__name__] = load_file(tmp_path / lib.__name__ / "adapter_model.safetensors")
+        expected = model.eval()(input_ids=ids).logits
+    assert {k: v.shape for k, v in files["deltatune"].items()} == {k: v.shape for k, v in files["peft"].items()}
+    assert any("embed" in k and "lora" not in k for k in files["peft"]) == (save is not False)
+    if save is False:
+        return
+    for writer in ("peft", "deltatune"):  # either file, read by either library onto a base with other new rows
+        for reader in (peft, deltatune):
+            loaded = reader.PeftModel.from_pretrained(_resized_llama(seed=2), tmp_path / writer).eval()
+            assert max_diff(loaded(input_ids=ids).logits, expected) < 1e-5, (writer, reader.__name__)
+
+
+def test_auto_saves_the_embeddings_when_the_vocabulary_was_resized(tmp_path):
+    tiny_llama(tie=True).save_pretrained(tmp_path / "base")
+    model = deltatune.get_peft_model(_resized_llama(seed=1), deltatune.LoraConfig(target_modules=["q_proj"]))
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= set(keys)
+    with pytest.raises(ValueError, match="save_embedding_layers must be True, False or 'auto'"):
+        model.save_pretrained(tmp_path / "bad", save_embedding_layers="yes")

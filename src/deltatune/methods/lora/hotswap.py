@@ -27,7 +27,7 @@ from deltatune.checkpoint import (
     AdapterLoadError,
     adapter_parameter_map,
     load_adapter_weights,
-    peft_embedding_base_weights,
+    loadable_embedding_weights,
 )
 from deltatune.config import PeftConfig
 from deltatune.layers import adapter_layers
@@ -136,7 +136,7 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike, ada
     live = adapter_parameter_map(model, adapter_name)
     # peft writes the base weights of an adapted embed_tokens / lm_head beside the adapter; they go into the frozen
     # base layer in place, as a load would put them.
-    base_weights = {k: p for k, p in peft_embedding_base_weights(model, adapter_name).items() if k in state_dict}
+    base_weights = {k: p for k, p in loadable_embedding_weights(model, adapter_name).items() if k in state_dict}
     for key, param in base_weights.items():
         if state_dict[key].shape != param.shape:
             raise AdapterLoadError(f"{key} in {path} has shape {tuple(state_dict[key].shape)}, the model "
