@@ -9,6 +9,7 @@ import peft
 import pytest
 import torch
 from conftest import ARCHS, inputs_for, logits, lora_kwargs, max_diff, perturb_trainable, tiny_gpt2, tiny_llama
+from safetensors.torch import load_file
 
 import deltatune
 from deltatune.layers import AdapterLayer
@@ -219,7 +220,8 @@ def test_tied_lm_head_copy_stays_tied_through_train_save_load_merge(tmp_path):
 
     model.save_pretrained(tmp_path)
     saved = deltatune.checkpoint.load_file(tmp_path / "adapter_model.safetensors")
-    assert [k for k in saved if "embed_tokens" in k] == []  # the tied partner is not saved twice
+    # As peft: the tied partner is written under its own key too.
+    assert torch.equal(saved["base_model.model.model.embed_tokens.weight"], saved["base_model.model.lm_head.weight"])
     loaded = deltatune.PeftModel.from_pretrained(tiny_llama(tie=True), tmp_path).eval()
     loaded_inner = loaded.get_base_model()
     assert loaded_inner.get_input_embeddings().weight is loaded_inner.lm_head.weight
@@ -230,6 +232,21 @@ def test_tied_lm_head_copy_stays_tied_through_train_save_load_merge(tmp_path):
     assert merged.get_input_embeddings().weight is merged.lm_head.weight
     assert torch.equal(merged.lm_head.weight, trained)
     assert max_diff(logits(merged, inputs), expected) < TOL
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_tied_module_to_save_files_move_both_ways_with_peft(tmp_path, target):
+    inputs = inputs_for("llama")
+    for source, dest in ((deltatune, peft), (peft, deltatune)):
+        config = source.LoraConfig(**lora_kwargs("llama", modules_to_save=[target], ensure_weight_tying=True))
+        model = source.get_peft_model(tiny_llama(tie=True), config)
+        perturb_trainable(model)
+        model.eval()
+        model.save_pretrained(tmp_path / source.__name__)
+        loaded = dest.PeftModel.from_pretrained(tiny_llama(tie=True), tmp_path / source.__name__).eval()
+        assert max_diff(logits(loaded, inputs), logits(model, inputs)) < TOL, (source.__name__, dest.__name__)
+    ours, theirs = (load_file(tmp_path / lib.__name__ / "adapter_model.safetensors") for lib in (deltatune, peft))
+    assert sorted(ours) == sorted(theirs)
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])

@@ -131,6 +131,17 @@ def _peft_wrapper_bias_copies(model: nn.Module, adapter_name: str) -> dict[str, 
     return out
 
 
+def _tied_copies(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The modules_to_save copies tied to another one (ensure_weight_tying): the walk names the shared weights
+    once, under their owner; peft also writes them under the tied module's key, and so does deltatune."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and module.tied_to is not None:
+            prefix = f"{name}." if name else ""
+            out.update((prefix + suffix, param) for suffix, param in module.adapter_parameters(adapter_name))
+    return out
+
+
 def embedding_weights(model: nn.Module, adapter_name: str, save_embedding_layers: bool | str = "auto"
                       ) -> dict[str, torch.Tensor]:
     """{file key: base weight} of the input and output embeddings that peft writes beside an adapter (its
@@ -221,9 +232,9 @@ def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default", b
     out = {k: p.detach() for k, p in _file_parameter_map(model, adapter_name, bias, saving=True, buffers=True).items()}
     if _bias_option(model, adapter_name, bias) == "all":
         out.update({k: p.detach() for k, p in _peft_wrapper_bias_copies(model, adapter_name).items()})
-    # Tied input and output embeddings are one tensor under two keys: safetensors needs two.
-    out.update({k: p.detach().clone() for k, p in embedding_weights(model, adapter_name, save_embedding_layers).items()
-                if k not in out})
+    # Tied weights are one tensor under two keys: safetensors needs two.
+    tied = {**_tied_copies(model, adapter_name), **embedding_weights(model, adapter_name, save_embedding_layers)}
+    out.update({k: p.detach().clone() for k, p in tied.items() if k not in out})
     encoder = _prompt_encoder(model, adapter_name)
     if encoder is not None:
         with torch.no_grad():
@@ -250,7 +261,7 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     # Buffers are optional: files written before deltatune saved them have none, and the live values stay.
     with_buffers = _file_parameter_map(model, adapter_name, bias, buffers=True)
     buffers = {k: b for k, b in with_buffers.items() if k not in expected}
-    optional = {**loadable_embedding_weights(model, adapter_name), **buffers}
+    optional = {**loadable_embedding_weights(model, adapter_name), **_tied_copies(model, adapter_name), **buffers}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected) - set(optional))
     if strict and (missing or unexpected):
