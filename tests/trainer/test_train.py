@@ -13,7 +13,7 @@ from deltatune.cli import main
 from deltatune.trainer import TrainingStopped, load_config, train
 from deltatune.trainer.checkpoints import list_checkpoints
 
-from .conftest import adapter_tensors, assert_same_tensors
+from .conftest import adapter_tensors, addition_rows, assert_same_tensors, write_jsonl
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 SMALL = ["--max-steps", "3", "--batch-size", "4", "--max-length", "64", "--eval-data", "none", "--eval-split", "0.2",
@@ -141,6 +141,19 @@ def test_resume_from_a_named_checkpoint_and_changed_settings(tiny_model, train_f
         train(_config(tiny_model, train_file, tmp_path, resume=step2, max_steps=4, method="ia3", lora_dropout=0.05))
     with pytest.raises(Exception, match="holds checkpoints of an earlier run"):
         train(_config(tiny_model, train_file, tmp_path))
+    # Same number of rows, other rows: the continuation would train on data the first steps never saw.
+    other = write_jsonl(tmp_path.parent / "other.jsonl", [{**row, "completion": row["completion"] + "0"}
+                                                          for row in addition_rows()])
+    with pytest.raises(Exception, match=r"settings changed \(data_hash: \w+ -> \w+; .*other files or rows"):
+        train(_config(tiny_model, other, tmp_path, resume=step2, max_steps=4))
+
+
+def test_a_new_run_does_not_replace_a_finished_one_without_overwrite(tiny_model, train_file, tmp_path):
+    train(_config(tiny_model, train_file, tmp_path, max_steps=2, save_steps=10))
+    assert not list_checkpoints(str(tmp_path)) and (tmp_path / "adapter").is_dir()
+    with pytest.raises(Exception, match=r"holds the results of an earlier run \(adapter, summary.json\)"):
+        train(_config(tiny_model, train_file, tmp_path, max_steps=2, save_steps=10))
+    train(_config(tiny_model, train_file, tmp_path, max_steps=2, save_steps=10, overwrite=True))
 
 
 def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tiny_model, train_file, tmp_path):
@@ -245,3 +258,21 @@ def _tiny_base(path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_each_process_draws_its_own_dropout_masks():
+    from types import SimpleNamespace
+
+    from deltatune.trainer.loop import seed_ranks
+
+    draws = []
+    for rank in (0, 1):
+        torch.manual_seed(123)
+        seed_ranks(7, SimpleNamespace(num_processes=2, process_index=rank))
+        draws.append(torch.rand(4))
+    assert not torch.equal(draws[0], draws[1])
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    seed_ranks(7, SimpleNamespace(num_processes=1, process_index=0))  # one process: its stream is left alone
+    assert torch.equal(torch.rand(4), expected)

@@ -7,6 +7,8 @@ prompt and reference answer, scoring loss needs the tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -31,6 +33,16 @@ class RunData:
     format: str
     label_names: list[str] | None
     notes: list[str] = field(default_factory=list)  # what a person should know: skipped rows, truncation
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A hash of the tokenized train and eval examples: a resumed run must continue on the same data."""
+        digest = hashlib.sha256(repr((self.format, self.label_names)).encode())
+        for examples in (self.train, self.eval.examples if self.eval else []):
+            digest.update(b"|")
+            for example in examples:
+                digest.update(repr(sorted(example.items())).encode())
+        return digest.hexdigest()[:16]
 
 
 def _tokenize(records, tokenizer, format, max_length, label_names, skip_bad_rows, notes: list[str], what: str):

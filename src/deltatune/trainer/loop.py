@@ -107,13 +107,22 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
+# What a finished run leaves in output_dir besides checkpoints: a new run there would replace it.
+RESULTS = ("adapter", "model", "summary.json")
+
+
 def resume_point(config: TrainConfig) -> str | None:
-    """The checkpoint to continue from; refuses to mix a new run into an old run's checkpoints."""
+    """The checkpoint to continue from; refuses to mix a new run into an old run's checkpoints or results."""
     if config.resume is False:
         if checkpoints.list_checkpoints(config.output_dir) and not config.overwrite:
             raise ConfigError(
                 f"{config.output_dir} holds checkpoints of an earlier run. Pass --resume to continue it, "
                 "--overwrite to start over there, or another --output-dir.")
+        found = [name for name in RESULTS if os.path.exists(os.path.join(config.output_dir, name))]
+        if found and not config.overwrite:
+            raise ConfigError(
+                f"{config.output_dir} holds the results of an earlier run ({', '.join(found)}). Pass --overwrite to "
+                "replace them, or another --output-dir.")
         return None
     if config.resume is True:
         latest = checkpoints.latest_checkpoint(config.output_dir)
@@ -131,11 +140,11 @@ RESUME_KEYS = ("seed", "method", "learning_rate", "weight_decay", "lr_scheduler"
                "max_grad_norm", "max_length", "mixed_precision", "quantize")
 
 
-def _run_identity(config: TrainConfig, order: DataOrder, total_steps: int) -> dict[str, Any]:
+def _run_identity(config: TrainConfig, order: DataOrder, total_steps: int, data: RunData) -> dict[str, Any]:
     """What a checkpoint must share with the run resuming it for the continuation to be exact."""
     keys = dict.fromkeys((*RESUME_KEYS, *METHODS[config.method].keys))
     return {**{k: getattr(config, k) for k in keys}, "num_examples": order.num_examples,
-            "global_batch": order.global_batch, "total_steps": total_steps}
+            "global_batch": order.global_batch, "total_steps": total_steps, "data_hash": data.fingerprint}
 
 
 def _check_resumable(state: dict, identity: dict, path: str) -> None:
@@ -144,6 +153,8 @@ def _check_resumable(state: dict, identity: dict, path: str) -> None:
     changed = {k: (state[k], v) for k, v in identity.items() if k in state and state[k] != v}
     if changed:
         details = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+        if "data_hash" in changed:
+            details += "; the data_hash covers the tokenized train and eval examples: other files or rows"
         raise ConfigError(f"Cannot resume from {path}: the run's settings changed ({details}). "
                           "Resume with the same settings, or start a new run.")
 
@@ -182,7 +193,7 @@ class Run:
         return metrics
 
     def checkpoint_state(self, step: int) -> dict[str, Any]:
-        return {**_run_identity(self.config, self.order, self.total_steps), "step": step,
+        return {**_run_identity(self.config, self.order, self.total_steps, self.data), "step": step,
                 "epoch": self.order.epoch_of(step), "steps_per_epoch": self.order.steps_per_epoch}
 
 
@@ -220,10 +231,12 @@ def _start(config: TrainConfig) -> Run:
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, total_steps)
     prepared, optimizer = accelerator.prepare(model, optimizer)
+    seed_ranks(config.seed, accelerator)
     run = Run(config, accelerator, tokenizer, data, prepared, accelerator.unwrap_model(prepared), optimizer,
               scheduler, order, total_steps, 0, resume_from, report.MetricsLog(config.output_dir), base_weights)
     if resume_from:
-        _check_resumable(checkpoints.read_state(resume_from), _run_identity(config, order, total_steps), resume_from)
+        identity = _run_identity(config, order, total_steps, data)
+        _check_resumable(checkpoints.read_state(resume_from), identity, resume_from)
         state = checkpoints.load_checkpoint(resume_from, accelerator, run.unwrapped, optimizer, scheduler)
         run.start_step = state["step"]
     if run.main:
@@ -232,6 +245,16 @@ def _start(config: TrainConfig) -> Run:
             print(f"deltatune: {note}")
     accelerator.wait_for_everyone()
     return run
+
+
+def seed_ranks(seed: int, accelerator) -> None:
+    """With several processes, each continues from its own seed once the model is built (the same on every rank,
+    and made identical by data parallelism anyway): otherwise ranks that see batches of the same shape draw the
+    same dropout masks. One process keeps its stream as it is."""
+    from accelerate.utils import set_seed
+
+    if accelerator.num_processes > 1:
+        set_seed(seed + accelerator.process_index)
 
 
 def _train_steps(run: Run, step_hook: StepHook | None) -> None:
