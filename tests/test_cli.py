@@ -144,3 +144,43 @@ def test_eval_sizes_must_be_positive(option, value, capsys):
         main(["eval", "--model", "m", "--data", "d.jsonl", option, value])
     assert exit_info.value.code == 2
     assert f"{option}: must be a positive integer, got '{value}'" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_load_is_one_line(tiny_model, train_file, tmp_path, capsys):  # noqa: F811
+    missing = str(tmp_path / "nomodel")
+    assert main(["eval", "--model", missing, "--data", train_file]) == 2
+    err = capsys.readouterr().err
+    assert f"Cannot load the tokenizer of model {missing!r}" in err and "Traceback" not in err
+    weightless = tmp_path / "weightless"
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(weightless)
+    assert main(["train", "--model", str(weightless), "--data", train_file, "--output-dir", str(tmp_path / "o")]) == 2
+    assert "Cannot load the weights of model" in capsys.readouterr().err
+
+
+def test_eval_refuses_an_adapter_of_the_other_task(tiny_model, adapters, tmp_path, capsys):  # noqa: F811
+    from trainer.conftest import write_jsonl
+
+    rows = [{"text": f"{'great' if i % 2 else 'dull'} number {i}", "label": "pos" if i % 2 else "neg"}
+            for i in range(6)]
+    data = write_jsonl(tmp_path / "cls.jsonl", rows)
+    assert main(["eval", "--model", tiny_model, "--adapter", f"{adapters['a']}/adapter", "--data", data]) == 2
+    assert "is a text-generation adapter, but" in capsys.readouterr().err
+
+
+def test_data_truncated_away_says_why(tiny_model, train_file, tmp_path, capsys):  # noqa: F811
+    assert main(["train", "--model", tiny_model, "--data", train_file, "--max-length", "4", "--max-steps", "1",
+                 "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no usable examples" in err and "raise max_length" in err
+
+
+def test_eval_max_samples_must_be_positive(tiny_model, train_file, capsys):  # noqa: F811
+    with pytest.raises(SystemExit) as stopped:
+        main(["eval", "--model", tiny_model, "--data", train_file, "--max-samples", "0"])
+    assert stopped.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+
+
+def test_eval_steps_without_an_eval_set_is_said(tiny_model, train_file, tmp_path, capsys):  # noqa: F811
+    assert main(["train", "--model", tiny_model, "--data", train_file, "--eval-split", "0", "--eval-steps", "1",
+                 "--max-steps", "1", "--max-length", "64", "--output-dir", str(tmp_path)]) == 0
+    assert "eval_steps and eval_generate score nothing" in capsys.readouterr().out

@@ -20,8 +20,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from deltatune.checkpoint import AdapterLoadError
     from deltatune.data import DataError
     from deltatune.embedded import EmbeddedModelError
+    from deltatune.trainer.loading import ModelError
 
-    return train_config.ConfigError, DataError, AdapterLoadError, EmbeddedModelError, FileNotFoundError
+    return train_config.ConfigError, DataError, AdapterLoadError, EmbeddedModelError, ModelError, FileNotFoundError
 
 
 # --- train ------------------------------------------------------------------------------------------------
@@ -60,6 +61,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     eval_set, notes = load_eval_set(args.data, tokenizer, format=args.format, max_length=args.max_length,
                                     label_names=loading.adapter_label_names(adapters), max_samples=args.max_samples,
                                     skip_bad_rows=args.skip_bad_rows)
+    loading.check_adapter_task(adapters, bool(eval_set.label_names), args.data)
     accelerator = Accelerator(cpu=not has_accelerator())
     model = loading.load_with_adapters(path, adapters, eval_set.label_names, tokenizer.pad_token_id)
     model = model.to(accelerator.device)
@@ -243,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--format", help="data format (default: detected)")
     evaluation.add_argument("--max-length", type=_positive, default=512)
     evaluation.add_argument("--batch-size", type=_positive, default=8)
-    evaluation.add_argument("--max-samples", type=int, help="evaluate on at most this many rows")
+    evaluation.add_argument("--max-samples", type=_positive, help="evaluate on at most this many rows")
     evaluation.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True,
                             help="score exact match by generating answers (generative formats)")
     evaluation.add_argument("--max-new-tokens", type=_positive, default=64)

@@ -127,3 +127,12 @@ def test_paths_expand_the_home_folder(tmp_path, monkeypatch):
     config = load_config(None, {"model": "~/model", "data": "~/d.jsonl", "output_dir": "~/runs"})
     assert (config.model, config.data, config.output_dir) == (f"{tmp_path}/model", f"{tmp_path}/d.jsonl",
                                                                f"{tmp_path}/runs")
+
+
+def test_an_unquoted_yaml_no_gets_a_hint(tmp_path):
+    from deltatune.trainer.config import ConfigError, load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("mixed_precision: no\n")
+    with pytest.raises(ConfigError, match="mixed_precision must be a string, got False .*put the value in quotes"):
+        load_config(path)

@@ -148,7 +148,9 @@ def coerce(name: str, value: Any) -> Any:
     elif str in kinds and isinstance(value, str | int | float) and not isinstance(value, bool):
         return str(value)
     expected = " or ".join(sorted(_type_name(k) for k in kinds)) + (" or none" if optional else "")
-    raise ConfigError(f"{name} must be {expected}, got {value!r}.")
+    hint = (" (YAML reads an unquoted no, yes, on or off as false or true: put the value in quotes)"
+            if isinstance(value, bool) and str in kinds else "")
+    raise ConfigError(f"{name} must be {expected}, got {value!r}{hint}.")
 
 
 def _type_name(kind: Any) -> str:

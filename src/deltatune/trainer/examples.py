@@ -57,7 +57,10 @@ def _tokenize(records, tokenizer, format, max_length, label_names, skip_bad_rows
     if tokenized.dropped:
         notes.append(f"{what}: {tokenized.dropped} rows left out: no answer token left to learn (after truncation)")
     if not tokenized.examples:
-        raise DataError(f"{what}: no usable examples in {records.source}")
+        why = [note.removeprefix(f"{what}: ") for note in notes if note.startswith(f"{what}: ")]
+        if tokenized.dropped:
+            why.append("raise max_length if truncation left no answer")
+        raise DataError(f"{what}: no usable examples in {records.source}" + (f" ({'; '.join(why)})" if why else ""))
     return tokenized
 
 
@@ -89,6 +92,8 @@ def load_run_data(config, tokenizer) -> RunData:
         tokenized = _tokenize(eval_records, tokenizer, train.format, config.max_length, train.label_names,
                               config.skip_bad_rows, notes, "eval data")
         eval_set = EvalSet(tokenized.examples, eval_records.rows, tokenized.format, tokenized.label_names)
+    elif config.eval_steps or config.eval_generate:
+        notes.append("no eval set (eval_split 0 and no eval_data): eval_steps and eval_generate score nothing")
     return RunData(train.examples, eval_set, train.format, train.label_names, notes)
 
 

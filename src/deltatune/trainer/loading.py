@@ -8,9 +8,27 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+
+class ModelError(ValueError):
+    """A base model that cannot be loaded from the name given."""
+
+
+@contextmanager
+def _loading(what: str, path: str) -> Iterator[None]:
+    """Turns transformers' errors for a missing or incomplete model (OSError: no such folder or file; ValueError:
+    a config.json without model_type) into one line that says what to give."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"Cannot load the {what} of model {path!r}: {reason} Give an embedded model name "
+                         "(`deltatune models`), a local model folder, or a Hub id.") from err
 
 
 def model_folder(name: str) -> str:
@@ -23,7 +41,8 @@ def model_folder(name: str) -> str:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with _loading("tokenizer", path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"The tokenizer of {path!r} has neither a pad nor an end-of-sequence token.")
@@ -50,13 +69,14 @@ def load_base_model(path: str, label_names: list[str] | None = None, pad_token_i
         kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                       label2id={n: i for i, n in enumerate(label_names)})
     model_class = AutoModelForSequenceClassification if label_names else AutoModelForCausalLM
-    if quantize and quantize != "none":
-        from deltatune.quantized.training import prepare_model_for_kbit_training
+    with _loading("weights", path):
+        if quantize and quantize != "none":
+            from deltatune.quantized.training import prepare_model_for_kbit_training
 
-        model = load_quantized(path, quantize, model_class=model_class, **kwargs)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    else:
-        model = model_class.from_pretrained(path, **kwargs)
+            model = load_quantized(path, quantize, model_class=model_class, **kwargs)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        else:
+            model = model_class.from_pretrained(path, **kwargs)
     if not label_names:
         return model
     if pad_token_id is not None:  # the classifier reads the last non-pad token of each row
@@ -80,6 +100,20 @@ def read_label_names(directory: str) -> list[str] | None:
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def check_adapter_task(adapters: dict[str, str], classification: bool, data: str) -> None:
+    """Refuse to score a text-generation adapter on classification data, or a classifier on generation data:
+    one would get a fresh random head, the other a head that matches nothing."""
+    from deltatune.config import PeftConfig
+    from deltatune.trainer.config import ConfigError
+
+    kinds = {"SEQ_CLS": "a classifier", "CAUSAL_LM": "a text-generation adapter"}
+    for path in adapters.values():
+        task = "SEQ_CLS" if read_label_names(path) else PeftConfig.from_pretrained(path).task_type
+        if task in kinds and (task == "SEQ_CLS") != classification:
+            kind = "classification data (text and label)" if classification else "text-generation data"
+            raise ConfigError(f"{path} is {kinds[task]}, but {data} holds {kind}: evaluate it on data of its kind.")
 
 
 def adapter_label_names(adapters: dict[str, str]) -> list[str] | None:
