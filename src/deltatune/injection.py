@@ -198,12 +198,24 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> P
             f"Module names that exist: "
             f"{_leaf_names(model)}"
         )
+    _record_weight_layout(model, resolved, adapter_name)
     tie = getattr(resolved, "ensure_weight_tying", False)
     if tie:
         _refuse_tied_targets(model, adapter_name)
     if getattr(resolved, "modules_to_save", None):
         add_modules_to_save(model, resolved.modules_to_save, adapter_name, tie=tie)
     return resolved
+
+
+def _record_weight_layout(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    """The layers read their weight layout from their own type (check_fan_in_fan_out warns on a mismatch); the
+    saved config states it too, as peft's does, when every adapted layer agrees (GPT-2's Conv1D: true)."""
+    if not hasattr(config, "fan_in_fan_out"):
+        return
+    layouts = {getattr(layer, "fan_in_fan_out", None) for _, layer in adapter_layers(model)
+               if adapter_name in layer.adapter_names}
+    if len(layouts) == 1 and None not in layouts:
+        config.fan_in_fan_out = layouts.pop()
 
 
 def _refuse_tied_targets(model: nn.Module, adapter_name: str) -> None:

@@ -206,3 +206,16 @@ def test_auto_saves_the_embeddings_when_the_vocabulary_was_resized(tmp_path):
     assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= set(keys)
     with pytest.raises(ValueError, match="save_embedding_layers must be True, False or 'auto'"):
         model.save_pretrained(tmp_path / "bad", save_embedding_layers="yes")
+
+
+@pytest.mark.parametrize("method", ["LoraConfig", "IA3Config"])
+def test_saved_config_states_gpt2s_weight_layout_as_peft_does(tmp_path, method):
+    """Left at its default (False), fan_in_fan_out is saved as what GPT-2's Conv1D layers need (True)."""
+    saved = {}
+    for lib in (peft, deltatune):
+        config = getattr(lib, method)(task_type="CAUSAL_LM", target_modules=["c_attn"])
+        with pytest.warns(UserWarning, match="fan_in_fan_out"):
+            model = lib.get_peft_model(ARCHS["gpt2"][0](), config)
+        model.save_pretrained(tmp_path / lib.__name__)
+        saved[lib.__name__] = json.loads((tmp_path / lib.__name__ / "adapter_config.json").read_text())
+    assert saved["deltatune"]["fan_in_fan_out"] is saved["peft"]["fan_in_fan_out"] is True
