@@ -276,3 +276,11 @@ def test_each_process_draws_its_own_dropout_masks():
     torch.manual_seed(123)
     seed_ranks(7, SimpleNamespace(num_processes=1, process_index=0))  # one process: its stream is left alone
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_resuming_a_finished_run_logs_its_final_evaluation_once(tiny_model, train_file, tmp_path):
+    first = train(_config(tiny_model, train_file, tmp_path, max_steps=4, save_steps=2))
+    again = train(_config(tiny_model, train_file, tmp_path, max_steps=4, save_steps=2, resume=True))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [0, 4]
+    assert again.summary["eval_after"] == first.summary["eval_after"]

@@ -203,7 +203,9 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
     run = _start(config)
     before = _logged_eval(run.log, 0) if run.resumed_from else run.evaluate(0)
     _train_steps(run, step_hook)
-    after = run.evaluate(run.total_steps)
+    # Resuming a run that had finished its steps: its final evaluation is already logged.
+    finished = run.resumed_from and run.start_step == run.total_steps
+    after = (finished and _logged_eval(run.log, run.total_steps)) or run.evaluate(run.total_steps)
     saved_to = _save_final(run)
     summary = _summary(run, before, after, saved_to, time.perf_counter() - started)
     if run.main:
