@@ -179,7 +179,7 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> P
                 continue
             raise ValueError(
                 f"Target module {name} is a {type(module).__name__}, which {method.peft_type} cannot wrap. "
-                "Target linear, embedding or convolution layers instead."
+                f"Leave it out of target_modules, or target layers of a kind {method.peft_type} adapts."
             )
         if new is module and not isinstance(new, AdapterLayer):
             continue  # the method passes over this module (BitFit: a layer without a bias)
