@@ -184,3 +184,17 @@ def test_eval_steps_without_an_eval_set_is_said(tiny_model, train_file, tmp_path
     assert main(["train", "--model", tiny_model, "--data", train_file, "--eval-split", "0", "--eval-steps", "1",
                  "--max-steps", "1", "--max-length", "64", "--output-dir", str(tmp_path)]) == 0
     assert "eval_steps and eval_generate score nothing" in capsys.readouterr().out
+
+
+def test_train_and_eval_rename_columns(tiny_model, tmp_path, capsys):  # noqa: F811
+    from trainer.conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"What is {i} plus 1?", "answer": str(i + 1)}
+                                              for i in range(12)])
+    common = ["--model", tiny_model, "--data", data, "--max-length", "64"]
+    assert main(["train", *common, "--columns", "question=prompt,answer=completion", "--max-steps", "1",
+                 "--output-dir", str(tmp_path / "run")]) == 0
+    assert main(["eval", *common, "--columns", "question=prompt,answer=completion", "--no-generate"]) == 0
+    assert "eval_loss" in capsys.readouterr().out
+    assert main(["eval", *common]) == 2
+    assert "cannot detect the data format (keys found: answer, question)" in capsys.readouterr().err

@@ -50,6 +50,7 @@ def _adapters(values: Sequence[str] | None) -> dict[str, str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
+    from deltatune.data.formats import parse_columns
     from deltatune.trainer import loading
     from deltatune.trainer.evaluate import evaluate
     from deltatune.trainer.examples import load_eval_set
@@ -60,7 +61,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     adapters = {"default": args.adapter} if args.adapter else {}
     eval_set, notes = load_eval_set(args.data, tokenizer, format=args.format, max_length=args.max_length,
                                     label_names=loading.adapter_label_names(adapters), max_samples=args.max_samples,
-                                    skip_bad_rows=args.skip_bad_rows)
+                                    skip_bad_rows=args.skip_bad_rows, columns=parse_columns(args.columns))
     loading.check_adapter_task(adapters, bool(eval_set.label_names), args.data)
     accelerator = Accelerator(cpu=not has_accelerator())
     model = loading.load_with_adapters(path, adapters, eval_set.label_names, tokenizer.pad_token_id)
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(evaluation, "optional")
     evaluation.add_argument("--data", required=True, help="data file to evaluate on")
     evaluation.add_argument("--format", help="data format (default: detected)")
+    evaluation.add_argument("--columns", type=lambda v: v.split(","), metavar="FROM=TO,...",
+                            help="rename data columns, e.g. question=prompt,answer=completion")
     evaluation.add_argument("--max-length", type=_positive, default=512)
     evaluation.add_argument("--batch-size", type=_positive, default=8)
     evaluation.add_argument("--max-samples", type=_positive, help="evaluate on at most this many rows")

@@ -192,3 +192,19 @@ def test_negative_csv_labels_are_refused_as_negative(tmp_path):
     path.write_text("text,label\ngood,1\nbad,-1\n")
     with pytest.raises(DataError, match="data.csv:3: 'label' must not be negative"):
         load_records(str(path))
+
+
+def test_columns_are_renamed_before_the_format_is_detected(tmp_path):
+    from deltatune.data.formats import parse_columns
+
+    path = tmp_path / "gsm8k_like.tsv"
+    path.write_text("question\tanswer\tsource\nWhat is 2+2?\t4\tx\nAnd 3+3?\t6\ty\n")
+    records = load_records(str(path), columns=parse_columns(["question=prompt", "answer = completion"]))
+    assert records.format == "prompt_completion"
+    assert records.rows[0] == {"prompt": "What is 2+2?", "completion": "4", "source": "x"}
+    with pytest.raises(DataError, match=r"columns names \['query'\], which no row has; columns found: \['answer'"):
+        load_records(str(path), columns={"query": "prompt"})
+    with pytest.raises(DataError, match="'question' is not FROM=TO"):
+        parse_columns(["question"])
+    with pytest.raises(DataError, match="renames to 'query', which no format reads"):
+        parse_columns(["question=query"])

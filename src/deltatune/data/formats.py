@@ -28,6 +28,25 @@ class DataError(ValueError):
     """A data file or row that cannot be used; the message names the file and line (or row)."""
 
 
+# Every key some format reads: what a column can be renamed to.
+ROW_KEYS = ("messages", "instruction", "input", "output", "prompt", "completion", "text", "label")
+
+
+def parse_columns(pairs: Iterable[str] | None) -> dict[str, str]:
+    """{file column: row key} from FROM=TO strings (`question=prompt`), so files with other column names (GSM8K's
+    question/answer, SST-2's sentence/label) load without converting them."""
+    columns: dict[str, str] = {}
+    for pair in pairs or []:
+        source, sep, target = (part.strip() for part in pair.partition("="))
+        if not sep or not source or not target:
+            raise DataError(f"columns: {pair!r} is not FROM=TO (e.g. question=prompt)")
+        if target not in ROW_KEYS:
+            raise DataError(f"columns: {pair!r} renames to {target!r}, which no format reads; use one of "
+                            f"{', '.join(ROW_KEYS)}")
+        columns[source] = target
+    return columns
+
+
 def check_format_name(format: str) -> str:
     if format not in FORMATS:
         raise DataError(f"unknown data format {format!r}; expected one of {', '.join(FORMATS)}")

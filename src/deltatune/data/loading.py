@@ -41,19 +41,23 @@ class Records:
 
 
 def load_records(
-    source: str, *, split: str | None = None, skip_bad_rows: bool = False, format: str | None = None
+    source: str, *, split: str | None = None, skip_bad_rows: bool = False, format: str | None = None,
+    columns: dict[str, str] | None = None,
 ) -> Records:
     """Rows of a file, a folder holding `<split>.<ext>` files, or a Hugging Face dataset id.
 
     Every row is checked against `format` (detected from the rows when None). A bad row raises `DataError`
     naming its file and line, or, with `skip_bad_rows`, is left out and counted. `split` picks a file in a
-    folder or a split of a Hub dataset (default "train"); it is an error with a single file.
+    folder or a split of a Hub dataset (default "train"); it is an error with a single file. `columns`
+    ({file column: row key}, see formats.parse_columns) renames columns before anything else looks at a row.
     """
     if format is not None:
         check_format_name(format)
     read = list(_read(source, split))
     if not read:
         raise DataError(f"{source}: no rows")
+    if columns:
+        read = _renamed(source, read, columns)
     parsed = [row for _, row, problem in read if problem is None]
     if not parsed:  # nothing to detect a format from: say why the first row could not be read
         location, _, problem = read[0]
@@ -79,6 +83,15 @@ def load_records(
         examples = "; ".join(records.skipped_examples)
         raise DataError(f"{source}: every row is bad for the {chosen} format ({records.skipped} rows): {examples}")
     return records
+
+
+def _renamed(source: str, read: list[_Read], columns: dict[str, str]) -> list[_Read]:
+    found = {key for _, row, problem in read if problem is None and isinstance(row, dict) for key in row}
+    missing = sorted(set(columns) - found)
+    if missing:
+        raise DataError(f"{source}: columns names {missing}, which no row has; columns found: {sorted(found)}")
+    return [(location, {columns.get(key, key): value for key, value in row.items()}
+             if problem is None and isinstance(row, dict) else row, problem) for location, row, problem in read]
 
 
 def _read(source: str, split: str | None) -> Iterator[_Read]:

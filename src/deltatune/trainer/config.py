@@ -39,6 +39,8 @@ class TrainConfig:
     eval_data: str | None = setting(None, "evaluation data file; without it, eval_split of the training data")
     eval_split: float = setting(0.1, "share of the training rows held out for evaluation when eval_data is unset")
     format: str | None = setting(None, "data format (default: detected from the rows)")
+    columns: list[str] | None = setting(
+        None, "rename data columns, FROM=TO comma-separated: question=prompt,answer=completion")
     skip_bad_rows: bool = setting(False, "skip malformed rows (counted and reported) instead of stopping")
     max_length: int = setting(512, "longest tokenized example; longer ones are truncated")
     # --- method ------------------------------------------------------------------------------------------

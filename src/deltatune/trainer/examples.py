@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deltatune.data import DataError, load_records, tokenize_records
+from deltatune.data.formats import parse_columns
 from deltatune.data.tokenize import class_names
 
 
@@ -75,10 +76,12 @@ def held_out(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
 
 def load_run_data(config, tokenizer) -> RunData:
     notes: list[str] = []
-    records = load_records(config.data, skip_bad_rows=config.skip_bad_rows, format=config.format)
+    columns = parse_columns(config.columns)
+    records = load_records(config.data, skip_bad_rows=config.skip_bad_rows, format=config.format, columns=columns)
     label_names = None
     if config.eval_data:
-        eval_records = load_records(config.eval_data, skip_bad_rows=config.skip_bad_rows, format=records.format)
+        eval_records = load_records(config.eval_data, skip_bad_rows=config.skip_bad_rows, format=records.format,
+                                    columns=columns)
     else:
         label_names = class_names(records, records.format)  # before the split: a rare class may land in eval only
         train_idx, eval_idx = held_out(len(records.rows), config.eval_split, config.seed)
@@ -99,9 +102,9 @@ def load_run_data(config, tokenizer) -> RunData:
 
 def load_eval_set(source: str, tokenizer, *, format: str | None = None, max_length: int = 512,
                   label_names: list[str] | None = None, max_samples: int | None = None,
-                  skip_bad_rows: bool = False) -> tuple[EvalSet, list[str]]:
+                  skip_bad_rows: bool = False, columns: dict[str, str] | None = None) -> tuple[EvalSet, list[str]]:
     notes: list[str] = []
-    records = load_records(source, skip_bad_rows=skip_bad_rows, format=format)
+    records = load_records(source, skip_bad_rows=skip_bad_rows, format=format, columns=columns)
     records = _subset(records, range(min(len(records.rows), max_samples or 10**12)))
     tokenized = _tokenize(records, tokenizer, records.format, max_length, label_names, skip_bad_rows, notes,
                           "eval data")
