@@ -100,3 +100,37 @@ def test_without_checkpointing_and_on_plain_modules():
     assert all(p.dtype == torch.float32 and not p.requires_grad for p in plain.parameters())
     with pytest.raises(TypeError, match="use_gradient_checkpointing=False"):
         deltatune.prepare_model_for_kbit_training(plain)
+
+
+@pytest.mark.parametrize(("when", "prepare"), [("after", False), ("before", True)])
+def test_an_evaluation_pass_does_not_stop_4bit_gradients(tiny_llama_dir, when, prepare):
+    """bitsandbytes repacks a 4-bit weight for its CPU kernel at an eval-mode no-grad forward (on CPUs with
+    AVX512-BF16), and that kernel has no backward: later training got no gradient through the frozen layers.
+    An evaluation after get_peft_model no longer repacks; one before it is undone (its scales stay rounded to
+    bfloat16, hence the tolerance)."""
+    from .conftest import load
+
+    inputs = token_batch()
+
+    def gradients(evaluate: str | None) -> dict[str, torch.Tensor]:
+        base = load(tiny_llama_dir, "nf4")
+        if evaluate == "before":
+            with torch.no_grad():
+                base(**inputs)
+        if prepare:
+            base = deltatune.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        torch.manual_seed(0)
+        config = deltatune.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+        model = deltatune.get_peft_model(base, config)
+        if evaluate == "after":
+            model.eval()
+            with torch.no_grad():
+                model(**inputs)
+        model.train()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    expected, got = gradients(None), gradients(when)
+    tolerance = {} if when == "after" else {"rtol": 1e-2, "atol": 1e-4}
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, msg=name, **tolerance)

@@ -77,6 +77,10 @@ class QuantizedBackend:
         """Quantization state held outside parameters and buffers (scales kept on the weight object)."""
         return []
 
+    @classmethod
+    def prepare_for_training(cls, module: nn.Module) -> None:
+        """Make sure gradients can flow through the layer (nothing to do for most libraries)."""
+
 
 def backend_for(module: nn.Module) -> type[QuantizedBackend] | None:
     """The backend whose quantized linear layer `module` is, or None for anything else (plain layers too)."""
@@ -87,6 +91,14 @@ def backend_for(module: nn.Module) -> type[QuantizedBackend] | None:
         if backend is not None:
             return backend
     return None
+
+
+def prepare_for_training(model: nn.Module) -> None:
+    """Let gradients flow through every quantized layer of `model` (see each backend's prepare_for_training)."""
+    for module in model.modules():
+        backend = backend_for(module)
+        if backend is not None:
+            backend.prepare_for_training(module)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -129,6 +129,16 @@ class BitsAndBytes4bit(QuantizedBackend):
         return state.dtype
 
     @classmethod
+    def prepare_for_training(cls, module: Linear4bit) -> None:
+        """bitsandbytes' CPU kernel for a repacked weight has no backward: after an evaluation pass had repacked it,
+        training would silently stop gradients at the layer (or fail on a bias). Repacking is turned off, and a
+        weight already repacked goes back to the standard layout."""
+        module.support_avx512bf16_for_cpu = False
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = cls._standard_layout(module.weight)
+            module.quant_state = module.weight.quant_state
+
+    @classmethod
     def state_tensors(cls, module: Linear4bit) -> list[torch.Tensor]:
         state = module.weight.quant_state
         tensors = [state.absmax, state.code, getattr(state, "offset", None)]
