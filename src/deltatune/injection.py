@@ -18,7 +18,7 @@ from deltatune.checkpoint import adapter_parameter_map
 from deltatune.config import PeftConfig
 from deltatune.layers import AdapterLayer, adapter_layers, modules_of_type
 from deltatune.modules_to_save import ModulesToSaveWrapper
-from deltatune.quantized import prepare_for_training, warn_requantization
+from deltatune.quantized import keep_differentiable, warn_requantization
 from deltatune.registry import Method, get_method
 
 ALL_LINEAR = "all-linear"
@@ -199,8 +199,7 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> P
             f"{_leaf_names(model)}"
         )
     _record_weight_layout(model, resolved, adapter_name)
-    if not getattr(resolved, "inference_mode", False):
-        prepare_for_training(model)  # quantized layers
+    keep_differentiable(model)  # quantized layers
     tie = getattr(resolved, "ensure_weight_tying", False)
     if tie:
         _refuse_tied_targets(model, adapter_name)

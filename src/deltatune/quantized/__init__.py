@@ -78,8 +78,8 @@ class QuantizedBackend:
         return []
 
     @classmethod
-    def prepare_for_training(cls, module: nn.Module) -> None:
-        """Make sure gradients can flow through the layer (nothing to do for most libraries)."""
+    def keep_differentiable(cls, module: nn.Module) -> None:
+        """Keep the layer on a kernel gradients flow through (nothing to do for most libraries)."""
 
 
 def backend_for(module: nn.Module) -> type[QuantizedBackend] | None:
@@ -93,12 +93,14 @@ def backend_for(module: nn.Module) -> type[QuantizedBackend] | None:
     return None
 
 
-def prepare_for_training(model: nn.Module) -> None:
-    """Let gradients flow through every quantized layer of `model` (see each backend's prepare_for_training)."""
+def keep_differentiable(model: nn.Module) -> None:
+    """Keep every quantized layer of `model` on a kernel gradients flow through (see the backends'
+    keep_differentiable), whether the adapter trains or not: the same adapter then computes the same numbers
+    loaded for inference as while it trained."""
     for module in model.modules():
         backend = backend_for(module)
         if backend is not None:
-            backend.prepare_for_training(module)
+            backend.keep_differentiable(module)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -129,10 +129,11 @@ class BitsAndBytes4bit(QuantizedBackend):
         return state.dtype
 
     @classmethod
-    def prepare_for_training(cls, module: Linear4bit) -> None:
+    def keep_differentiable(cls, module: Linear4bit) -> None:
         """bitsandbytes' CPU kernel for a repacked weight has no backward: after an evaluation pass had repacked it,
-        training would silently stop gradients at the layer (or fail on a bias). Repacking is turned off, and a
-        weight already repacked goes back to the standard layout."""
+        training would silently stop gradients at the layer (or fail on a bias); and its block scales are rounded
+        to bfloat16, so outputs move by about 1e-3. Repacking is turned off, and a weight already repacked goes
+        back to the standard layout (its scales stay rounded)."""
         module.support_avx512bf16_for_cpu = False
         if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
             module.weight.data, module.weight.quant_state = cls._standard_layout(module.weight)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.quantized import backend_for, prepare_for_training
+from deltatune.quantized import backend_for, keep_differentiable
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -34,7 +34,7 @@ def prepare_model_for_kbit_training(
     function does.
     """
     model.requires_grad_(False)
-    prepare_for_training(model)
+    keep_differentiable(model)
     _upcast_for_training(model)
     if use_gradient_checkpointing:
         _enable_checkpointing(model, gradient_checkpointing_kwargs)
