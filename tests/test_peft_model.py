@@ -403,3 +403,24 @@ def test_model_card_names_the_libraries_that_read_the_adapter(config, library, t
     card = (tmp_path / "README.md").read_text()
     assert f"library_name: {library}\n" in card
     assert ("or peft" in card) == (library == "peft")
+
+
+def test_adapters_loaded_for_inference_run_without_dropout(tmp_path):
+    config = deltatune.LoraConfig(**lora_kwargs("llama", lora_dropout=0.5))
+    model = deltatune.get_peft_model(tiny_llama(), config)
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path)
+    inputs = inputs_for("llama")
+    loaded = deltatune.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert not loaded.training
+    assert torch.equal(logits(loaded, inputs), logits(loaded, inputs))
+    trainable = deltatune.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert trainable.training
+    # A model put in eval mode by its user keeps every layer there when another adapter arrives.
+    base = tiny_llama().eval()
+    model = deltatune.get_peft_model(base, config)
+    model.eval()
+    model.load_adapter(tmp_path, "other", is_trainable=True)
+    model.set_adapter("other")
+    assert not any(m.training for m in model.get_base_model().modules())
+    assert torch.equal(logits(model, inputs), logits(model, inputs))

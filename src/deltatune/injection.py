@@ -199,6 +199,9 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> P
             f"{_leaf_names(model)}"
         )
     _record_weight_layout(model, resolved, adapter_name)
+    for _, layer in adapter_layers(model):  # new layers and adapters follow the mode of the model around them
+        if adapter_name in layer.adapter_names:
+            layer.train(layer.base_layer.training)
     keep_differentiable(model)  # quantized layers
     tie = getattr(resolved, "ensure_weight_tying", False)
     if tie:

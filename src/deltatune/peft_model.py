@@ -407,6 +407,8 @@ class PeftModel(nn.Module):
             for sub in sorted(os.listdir(directory)):
                 if os.path.isfile(os.path.join(directory, sub, CONFIG_NAME)) and sub not in peft_model.peft_config:
                     peft_model.load_adapter(os.path.join(directory, sub), sub, is_trainable=is_trainable)
+        if not is_trainable:
+            peft_model.eval()  # as peft: a model loaded for inference runs without dropout
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
@@ -420,6 +422,8 @@ class PeftModel(nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+        if not is_trainable:
+            self.eval()  # as peft
 
     def _load_weights(self, directory: str, adapter_name: str) -> None:
         """Read an adapter's files into the adapter `adapter_name`, which must already exist."""
