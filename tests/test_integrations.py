@@ -114,3 +114,19 @@ def test_on_save_removes_a_sharded_full_model_too(tmp_path):
     files = set(os.listdir(folder))
     assert not files & set(full)
     assert {"optimizer.pt", "trainer_state.json", "adapter_model.safetensors", "model.safetensors"} <= files
+
+
+def test_trainer_keeps_the_dataset_columns_the_task_model_takes(tmp_path):
+    """Trainer drops dataset columns that forward's signature does not name (remove_unused_columns, on by default):
+    the task classes name their inputs, as peft's do."""
+    import inspect
+
+    from datasets import Dataset
+
+    rows = [{**{k: v.tolist() for k, v in row.items()}, "text": "unused"} for row in _dataset()]
+    model = _lora_model()
+    assert list(inspect.signature(model.forward).parameters)[:4] == ["input_ids", "attention_mask", "inputs_embeds",
+                                                                      "labels"]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, disable_tqdm=True, save_strategy="no")
+    Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows)).train()

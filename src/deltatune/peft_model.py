@@ -10,7 +10,7 @@ import copy
 import inspect
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -469,7 +469,29 @@ def _model_card(config: PeftConfig) -> str:
     )
 
 
+def _named_forward(*names: str) -> Callable[..., Any]:
+    """PeftModel.forward under a signature that names the inputs a task's models take, as peft's task classes do:
+    callers that read it (transformers.Trainer keeps only the dataset columns it names) see them."""
+
+    def forward(self: PeftModel, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        return PeftModel.forward(self, *args, adapter_names=adapter_names, **kwargs)
+
+    kind = inspect.Parameter
+    forward.__signature__ = inspect.Signature([
+        kind("self", kind.POSITIONAL_OR_KEYWORD),
+        *(kind(name, kind.POSITIONAL_OR_KEYWORD, default=None) for name in names),
+        kind("adapter_names", kind.KEYWORD_ONLY, default=None),
+        kind("kwargs", kind.VAR_KEYWORD),
+    ])
+    return forward
+
+
+TEXT_INPUTS = ("input_ids", "attention_mask", "inputs_embeds")
+
+
 class PeftModelForCausalLM(PeftModel):
+    forward = _named_forward(*TEXT_INPUTS, "labels")
+
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """transformers' generate(); with a prompt adapter the output holds the input and new tokens only.
 
@@ -504,6 +526,7 @@ class PeftModelForCausalLM(PeftModel):
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
+    forward = _named_forward(*TEXT_INPUTS, "decoder_input_ids", "decoder_attention_mask", "labels")
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> torch.Tensor:
         """transformers' generate(); a prefix adapter goes in as the decoder's starting KV cache. With
         adapter_names (one per input row), each row generates with its own LoRA adapter."""
@@ -559,18 +582,21 @@ def _generation_setting(model: nn.Module, kwargs: dict[str, Any], name: str) -> 
 
 class PeftModelForSequenceClassification(PeftModel):
     task_heads = ("classifier", "score")
+    forward = _named_forward(*TEXT_INPUTS, "token_type_ids", "labels")
 
 
 class PeftModelForTokenClassification(PeftModel):
     task_heads = ("classifier", "score")
+    forward = _named_forward(*TEXT_INPUTS, "token_type_ids", "labels")
 
 
 class PeftModelForQuestionAnswering(PeftModel):
     task_heads = ("qa_outputs",)
+    forward = _named_forward(*TEXT_INPUTS, "token_type_ids", "start_positions", "end_positions")
 
 
 class PeftModelForFeatureExtraction(PeftModel):
-    pass
+    forward = _named_forward(*TEXT_INPUTS, "token_type_ids")
 
 
 MODEL_TYPE_TO_PEFT_MODEL: dict[str, type[PeftModel]] = {
