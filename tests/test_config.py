@@ -106,3 +106,18 @@ def test_bad_value_in_a_file_is_refused(tmp_path):
 def test_target_module_sets_become_sorted_lists():
     config = deltatune.LoraConfig(target_modules={"v", "q", "k"}, exclude_modules=("b", "a"))
     assert config.target_modules == ["k", "q", "v"] and config.exclude_modules == ["a", "b"]
+
+
+def test_config_from_a_hub_id_in_the_local_cache(tmp_path, monkeypatch):
+    """PeftConfig.from_pretrained("user/repo"), the usual first line before loading a base model by its name."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "models--user--repo"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    deltatune.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], r=4).save_pretrained(
+        repo / "snapshots" / "abc123")
+    config = deltatune.PeftConfig.from_pretrained("user/repo", revision="main")
+    assert isinstance(config, deltatune.LoraConfig) and config.r == 4

@@ -105,8 +105,14 @@ class PeftConfig:
         atomic_write_text(os.path.join(directory, CONFIG_NAME), self.to_json_string())
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None) -> PeftConfig:
-        """Load `adapter_config.json`; on the base class the file's peft_type picks the config class."""
+    def from_pretrained(cls, directory: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,
+                        **_: Any) -> PeftConfig:
+        """Load `adapter_config.json` from a folder or a Hub id (as PeftModel.from_pretrained resolves it); on the
+        base class the file's peft_type picks the config class."""
+        if not os.path.isdir(directory):
+            from deltatune.peft_model import resolve_adapter_dir
+
+            directory, subfolder = resolve_adapter_dir(directory, subfolder=subfolder, revision=revision), None
         path = os.path.join(directory, subfolder or "", CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(
