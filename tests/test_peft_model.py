@@ -424,3 +424,37 @@ def test_adapters_loaded_for_inference_run_without_dropout(tmp_path):
     model.set_adapter("other")
     assert not any(m.training for m in model.get_base_model().modules())
     assert torch.equal(logits(model, inputs), logits(model, inputs))
+
+
+def test_peft_names_for_switching_adapters_off_and_on():
+    model = peft_model("llama")
+    inputs = inputs_for("llama")
+    with_adapter = logits(model, inputs)
+    with model.disable_adapter():
+        bare = logits(model, inputs)
+    assert max_diff(with_adapter, bare) > 1e-3
+    model.disable_adapter_layers()
+    assert torch.equal(logits(model, inputs), bare)
+    model.enable_adapter_layers()
+    assert torch.equal(logits(model, inputs), with_adapter)
+    assert model.active_peft_config is model.peft_config["default"]
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="Unmerging the merged adapters"):
+        model.disable_adapter_layers()
+    assert max_diff(logits(model, inputs), bare) < TOL
+
+
+def test_peft_enum_names_and_mixed_precision_cast():
+    assert deltatune.PromptTuningInit.TEXT == "TEXT" and deltatune.PeftType.LORA == "LORA"
+    from deltatune.registry import _load_builtin_methods, known_methods
+
+    _load_builtin_methods()
+    assert {t.value for t in deltatune.PeftType} == set(known_methods())
+    config = deltatune.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2,
+                                          prompt_tuning_init=deltatune.PromptTuningInit.RANDOM)
+    assert json.loads(config.to_json_string())["prompt_tuning_init"] == "RANDOM"
+    for lib in (deltatune, peft):
+        model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(**lora_kwargs("llama")))
+        lib.cast_mixed_precision_params(model, torch.bfloat16)
+        dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+        assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}, lib.__name__

@@ -10,7 +10,7 @@ from deltatune.auto import (
     AutoPeftModelForTokenClassification,
 )
 from deltatune.checkpoint import AdapterLoadError, get_peft_model_state_dict, set_peft_model_state_dict
-from deltatune.config import PeftConfig, TaskType
+from deltatune.config import PeftConfig, PeftType, TaskType
 from deltatune.injection import inject_adapter_in_model
 from deltatune.methods.bitfit import BitFitConfig
 from deltatune.methods.bottleneck import BottleneckConfig
@@ -19,9 +19,9 @@ from deltatune.methods.ln_tuning import LNTuningConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.lora.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.methods.lora.loraplus import create_loraplus_optimizer
-from deltatune.methods.p_tuning import PromptEncoderConfig
+from deltatune.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from deltatune.methods.prefix_tuning import PrefixTuningConfig
-from deltatune.methods.prompt_tuning import PromptTuningConfig
+from deltatune.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from deltatune.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -32,7 +32,7 @@ from deltatune.peft_model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
-from deltatune.quantized.training import prepare_model_for_kbit_training
+from deltatune.quantized.training import cast_mixed_precision_params, prepare_model_for_kbit_training
 
 __version__ = "0.1.0"
 
@@ -52,8 +52,11 @@ __all__ = [
     "LoraConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
     "PromptTuningConfig",
+    "PromptTuningInit",
     "PeftConfig",
+    "PeftType",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -62,6 +65,7 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "TaskType",
+    "cast_mixed_precision_params",
     "get_peft_model",
     "hotswap_adapter",
     "prepare_model_for_compiled_hotswap",

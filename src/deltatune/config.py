@@ -28,6 +28,19 @@ class TaskType(StrEnum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
+class PeftType(StrEnum):
+    """The methods' peft_type names, peft's where peft has the method (configs hold them as plain strings)."""
+
+    LORA = "LORA"
+    IA3 = "IA3"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    P_TUNING = "P_TUNING"
+    LN_TUNING = "LN_TUNING"
+    BITFIT = "BITFIT"
+    BOTTLENECK = "BOTTLENECK"
+
+
 def _check_task_type(task_type: str | None) -> str | None:
     if task_type is None:
         return None
@@ -141,4 +154,4 @@ def config_from_dict(data: dict[str, Any]) -> PeftConfig:
     return config_class_for(data.get("peft_type")).from_dict(data)
 
 
-__all__ = ["CONFIG_NAME", "PeftConfig", "TaskType", "config_from_dict"]
+__all__ = ["CONFIG_NAME", "PeftConfig", "PeftType", "TaskType", "config_from_dict"]

@@ -199,6 +199,24 @@ class PeftModel(nn.Module):
         if self.active_adapter in self.prompt_encoder and not config.inference_mode:
             self.prompt_encoder[self.active_adapter].requires_grad_(True)
 
+    def disable_adapter_layers(self) -> None:
+        """Run the bare base model until enable_adapter_layers(), as peft's method of that name; merged adapters
+        are unmerged first (with a warning, as in peft). disable_adapter() does the same for one block."""
+        model = self.get_base_model()
+        if any(layer.merged for _, layer in adapter_layers(model)):
+            warnings.warn("Unmerging the merged adapters to disable them.", stacklevel=2)
+            injection.unmerge_adapters(model)
+        injection.set_disabled(model, True)
+        self._adapters_disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        injection.set_disabled(self.get_base_model(), False)
+        self._adapters_disabled = False
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapter]
+
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the bare base model (a reference model for free, without copying it)."""

@@ -68,3 +68,17 @@ def _enable_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None) -> No
             "gradient_checkpointing_enable. Pass use_gradient_checkpointing=False."
         )
     model.enable_input_require_grads()
+
+
+def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Frozen parameters to `dtype` (bfloat16 or float16) and trainable ones to float32, in place, as peft's function
+    of that name: the frozen base takes half the memory while the adapters keep full-precision updates."""
+    if dtype not in HALF:
+        raise ValueError(f"cast_mixed_precision_params casts the frozen weights to a half-precision dtype "
+                         f"(torch.bfloat16 or torch.float16), got {dtype}.")
+    for module in model.modules():
+        if backend_for(module) is not None:
+            continue  # quantized layers keep their storage
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(torch.float32 if param.requires_grad else dtype)

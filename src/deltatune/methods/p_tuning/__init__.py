@@ -1,6 +1,6 @@
 """P-tuning: virtual tokens produced by a small trainable encoder."""
 
-from deltatune.methods.p_tuning.config import PromptEncoderConfig
+from deltatune.methods.p_tuning.config import PromptEncoderConfig, PromptEncoderReparameterizationType
 from deltatune.methods.p_tuning.encoder import PromptEncoder, create_prompt_encoder
 from deltatune.registry import Method, register_method
 
@@ -9,4 +9,4 @@ register_method(
            create_prompt_encoder=create_prompt_encoder)
 )
 
-__all__ = ["PromptEncoder", "PromptEncoderConfig"]
+__all__ = ["PromptEncoder", "PromptEncoderConfig", "PromptEncoderReparameterizationType"]

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import ClassVar
 
 from deltatune.prompt_learning import PromptLearningConfig
 
-VALID_TYPES = ("MLP", "LSTM")
+
+class PromptEncoderReparameterizationType(StrEnum):
+    """peft's names for encoder_reparameterization_type (plain strings work as well)."""
+
+    MLP = "MLP"
+    LSTM = "LSTM"
+
+
+VALID_TYPES = tuple(kind.value for kind in PromptEncoderReparameterizationType)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Prompt tuning: trainable virtual token embeddings in front of the input."""
 
-from deltatune.methods.prompt_tuning.config import PromptTuningConfig
+from deltatune.methods.prompt_tuning.config import PromptTuningConfig, PromptTuningInit
 from deltatune.methods.prompt_tuning.encoder import PromptEmbedding, create_prompt_embedding
 from deltatune.registry import Method, register_method
 
@@ -9,4 +9,4 @@ register_method(
            create_prompt_encoder=create_prompt_embedding)
 )
 
-__all__ = ["PromptEmbedding", "PromptTuningConfig"]
+__all__ = ["PromptEmbedding", "PromptTuningConfig", "PromptTuningInit"]

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import ClassVar
 
 from deltatune.prompt_learning import PromptLearningConfig
 
-VALID_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+
+class PromptTuningInit(StrEnum):
+    """peft's names for prompt_tuning_init (plain strings work as well)."""
+
+    RANDOM = "RANDOM"
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+
+
+VALID_INITS = tuple(kind.value for kind in PromptTuningInit)
 
 
 @dataclass
