@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import peft
 import pytest
@@ -458,3 +459,26 @@ def test_peft_enum_names_and_mixed_precision_cast():
         lib.cast_mixed_precision_params(model, torch.bfloat16)
         dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
         assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}, lib.__name__
+
+
+def test_push_to_hub_uploads_the_adapter_not_the_base_model(monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls["repo"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, commit_message, revision=None):
+            calls["files"] = sorted(os.listdir(folder_path))
+            return "commit"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = peft_model("llama")
+    assert model.push_to_hub("me/adapter", private=True, token="t") == "commit"
+    assert calls["repo"] == ("me/adapter", True, True) and calls["token"] == "t"
+    assert calls["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]

@@ -400,6 +400,22 @@ class PeftModel(nn.Module):
                 )
             save_adapter_folder(out, tensors, config.to_json_string(), card, safe_serialization)
 
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload adapter", revision: str | None = None,
+                    selected_adapters: list[str] | None = None, **_: Any) -> Any:
+        """Upload the adapter files (what save_pretrained writes, never the base model) to the Hub repo `repo_id`,
+        creating it if needed; returns huggingface_hub's commit info."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, selected_adapters=selected_adapters)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                     revision=revision)
+
     @classmethod
     def from_pretrained(
         cls,
