@@ -156,3 +156,10 @@ def test_a_module_named_in_full_is_adapted_whatever_layers_to_transform_says_as_
 
     assert adapted_names(ours) == adapted_names(theirs)
     assert any("layers.0.self_attn.q_proj" in n for n in adapted_names(ours))
+
+
+def test_nested_targets_are_refused_by_name():
+    model = ARCHS["llama"][0]()
+    config = deltatune.BottleneckConfig(target_modules=["mlp", "down_proj"], placement="pfeiffer")
+    with pytest.raises(ValueError, match=r"selects both .*layers.0.mlp and .*layers.0.mlp.down_proj, which sits"):
+        deltatune.get_peft_model(model, config)

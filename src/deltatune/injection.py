@@ -163,9 +163,16 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> P
     resolved = copy.deepcopy(config)
     resolved.target_modules = targets
     matched = 0
+    wrapped: list[str] = []  # names wrapped so far: a target inside one would be lost in its base layer
     for name, module in list(_user_modules(model)):
         if not is_target(name, resolved, targets):
             continue
+        outer = next((w for w in wrapped if name.startswith(w + ".")), None)
+        if outer is not None:
+            raise ValueError(
+                f"target_modules selects both {outer} and {name}, which sits inside it; adapter layers never nest. "
+                "Target one of the two."
+            )
         if isinstance(module, AdapterLayer) and not isinstance(module, method.layer_cls):
             raise ValueError(
                 f"{name} already carries a {type(module).__name__} adapter; one module cannot hold adapters "
@@ -185,6 +192,7 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> P
             continue  # the method passes over this module (BitFit: a layer without a bias)
         if new is not module:
             _replace(model, name, new)
+            wrapped.append(name)
         matched += 1
     if matched == 0:
         hidden = _targets_inside_adapter_layers(model, resolved, targets)

@@ -80,3 +80,22 @@ def test_half_precision_base_trains_a_float32_delta():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert model[0].bias_delta["default"].grad is not None
+
+
+def test_a_head_whose_bias_is_its_decoders_trains_through_the_decoder():
+    """BERT's masked-LM head owns a bias that is also its decoder's: the decoder is wrapped, not the head around
+    it (one layer inside another would never run)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        vocab_size=64, max_position_embeddings=32)
+    model = deltatune.get_peft_model(BertForMaskedLM(config), deltatune.BitFitConfig())
+    head = model.get_base_model().cls.predictions
+    assert not isinstance(head, BitFitLayer) and isinstance(head.decoder, BitFitLayer)
+    ids = torch.randint(1, 64, (2, 5))
+    model(input_ids=ids, labels=ids).loss.backward()
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    assert any("predictions.decoder" in n for n in trained)
+

@@ -41,10 +41,12 @@ class BitFitLayer(AdapterLayer):
 
 
 def create_bitfit_layer(target: nn.Module, adapter_name: str, config: BitFitConfig, module_name: str):
-    """Wrap `target` (or add an adapter to an existing layer); a module without a bias is returned as is."""
+    """Wrap `target` (or add an adapter to an existing layer); a module without a bias is returned as is, and so
+    is one whose submodules have biases of their own (BERT's prediction head, whose bias is its decoder's): those
+    are wrapped instead, since adapter layers do not nest."""
     if isinstance(target, BitFitLayer):
         layer = target
-    elif has_bias(target):
+    elif has_bias(target) and not any(has_bias(m) for m in target.modules() if m is not target):
         layer = BitFitLayer(target)
     else:
         return target
