@@ -109,3 +109,11 @@ def test_models_without_quantized_layers_import_no_backend():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("quantize", ["8bit", "nf4"])
+def test_full_precision_size_of_a_bf16_load_is_the_bf16_size(tiny_llama_dir, quantize):
+    """bitsandbytes' 8-bit layers do not record their weight's dtype: the model config's is used."""
+    full = model_memory_bytes(load_base_model(str(tiny_llama_dir), None, report=None, dtype=torch.bfloat16))
+    model = load_base_model(str(tiny_llama_dir), quantize, report=None, dtype=torch.bfloat16)
+    assert model_memory_bytes(model, full_precision=True) == full

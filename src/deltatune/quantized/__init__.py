@@ -170,7 +170,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     so that `save_pretrained` writes a plain full-precision model. In place; returns the model."""
     from deltatune.quantized.layers import QuantizedLayer
 
-    fallback = _config_dtype(model)
+    fallback = config_dtype(model)
     done: list[str] = []
     for name, module in list(model.named_modules()):
         if any(name.startswith(prefix) for prefix in done):
@@ -201,7 +201,8 @@ def dense_linear(module: nn.Module, backend: type[QuantizedBackend], dtype: torc
     return linear
 
 
-def _config_dtype(model: nn.Module) -> torch.dtype:
+def config_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model config records for its weights (float32 when it records none)."""
     dtype = getattr(getattr(model, "config", None), "dtype", None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 

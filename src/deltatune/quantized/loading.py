@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.quantized import backend_for
+from deltatune.quantized import backend_for, config_dtype
 
 QUANTIZE_CHOICES = ("8bit", "4bit", "nf4", "fp4", "torchao-int8", "torchao-nf4")
 # What each recipe needs: (import name, pip requirement).
@@ -77,6 +77,7 @@ def model_memory_bytes(model: nn.Module, full_precision: bool = False) -> int:
     tensors: list[torch.Tensor] = []
     quantized_weights: set[int] = set()
     logical = 0
+    fallback = config_dtype(model)  # bitsandbytes' 8-bit layers do not record their weight's dtype
     for module in model.modules():
         backend = backend_for(module)
         if backend is None:
@@ -84,7 +85,7 @@ def model_memory_bytes(model: nn.Module, full_precision: bool = False) -> int:
         quantized_weights.add(id(module.weight))
         if full_precision:
             in_features, out_features = backend.features(module)
-            dtype = backend.original_dtype(module) or torch.float32
+            dtype = backend.original_dtype(module) or fallback
             logical += in_features * out_features * dtype.itemsize
         else:
             tensors += [module.weight, *backend.state_tensors(module)]
