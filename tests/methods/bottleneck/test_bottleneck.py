@@ -412,3 +412,36 @@ def test_targets_inside_a_wrapped_block_are_named_as_such():
     model = get_peft_model(tiny_llama(), BottleneckConfig(target_modules=["mlp"], bottleneck_size=2))
     with pytest.raises(ValueError, match=r"only modules inside another adapter's layer \(.*mlp.base_layer.down_proj"):
         model.add_adapter("lora", deltatune.LoraConfig(target_modules=["down_proj"]))
+
+
+def test_blocks_of_a_widening_model_take_their_own_width():
+    """Swin's config.hidden_size is its last stage's width; each block's adapter fits the block's own."""
+    from transformers import SwinConfig, SwinModel
+
+    torch.manual_seed(0)
+    config = SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2)
+    model = get_peft_model(SwinModel(config).eval(), BottleneckConfig(target_modules=r".*blocks\.\d+\.attention",
+                                                                      bottleneck_size=4, init_weights=False))
+    widths = [layer.widths.out_features for _, layer in adapter_layers(model)]
+    assert widths == [16, 32] and config.hidden_size == 32
+    assert torch.isfinite(model(pixel_values=torch.randn(1, 3, 32, 32)).last_hidden_state).all()
+
+
+def test_bloom_adapters_read_the_block_contribution_not_the_residual_stream():
+    """Bloom's attention and MLP add the residual inside their forward: the adapters wrap their output projections."""
+    from transformers import BloomConfig, BloomModel
+
+    model = get_peft_model(BloomModel(BloomConfig(hidden_size=32, n_layer=1, n_head=4, vocab_size=128)),
+                           BottleneckConfig(placement="houlsby", reduction_factor=4))
+    assert [name.split("h.0.")[1] for name, _ in adapter_layers(model)] == ["self_attention.dense",
+                                                                             "mlp.dense_4h_to_h"]
+
+
+def test_a_parallel_adapter_beside_a_downsampling_block_is_refused_by_name():
+    from transformers import ResNetConfig, ResNetModel
+
+    model = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="bottleneck"))
+    config = BottleneckConfig(placement="parallel", target_modules=r".*stages\.\d+\.layers\.\d+", bottleneck_size=4)
+    model = get_peft_model(model.eval(), config)
+    with pytest.raises(ValueError, match=r"ResNetBottleNeckLayer's input .* \(it downsamples\)\. Use a sequential"):
+        model(pixel_values=torch.randn(1, 3, 32, 32))

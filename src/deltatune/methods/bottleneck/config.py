@@ -51,7 +51,8 @@ ARCHITECTURE_BLOCKS: dict[str, dict[str, str]] = {
     ),
     "gpt2": {"attention": "attn", "feed_forward": "mlp"},
     "gpt_neox": {"attention": "attention", "feed_forward": "mlp"},
-    "bloom": {"attention": "self_attention", "feed_forward": "mlp"},
+    # Bloom's attention and MLP add the residual inside their own forward: their output projections instead.
+    "bloom": {"attention": "self_attention.dense", "feed_forward": "mlp.dense_4h_to_h"},
     "falcon": {"attention": "self_attention", "feed_forward": "mlp"},
     "opt": {"attention": "self_attn", "feed_forward": "fc2"},
     **dict.fromkeys(

@@ -47,12 +47,7 @@ def block_widths(module: nn.Module) -> Widths | None:
         return Widths(module.weight.shape[0], module.weight.shape[1])
     if isinstance(module, CONV_TYPES):
         return Widths(module.in_channels, module.out_channels, 1, 1)
-    hidden = _recorded_hidden_size(module)
-    if hidden is not None:
-        return Widths(hidden, hidden)
     leaves = [m for m in module.modules() if m is not module and isinstance(m, WEIGHTED_TYPES)]
-    if not leaves:
-        return None
     if len({isinstance(leaf, CONV_TYPES) for leaf in leaves}) > 1:
         # A ConvNext layer: convolutions (channels on axis 1) and linear layers (channels last), permuted between;
         # its layers cannot say on which axis its output carries the channels.
@@ -60,8 +55,17 @@ def block_widths(module: nn.Module) -> Widths | None:
             f"A {type(module).__name__} mixes convolution and linear layers, so the axis its output's channels lie "
             "on cannot be told from them. Target one of its linear or convolution layers instead."
         )
-    first, last = block_widths(leaves[0]), block_widths(leaves[-1])
-    return Widths(first.in_features, last.out_features, first.in_axis, last.out_axis)
+    if leaves:
+        first, last = block_widths(leaves[0]), block_widths(leaves[-1])
+        layers = Widths(first.in_features, last.out_features, first.in_axis, last.out_axis)
+        if layers.in_features == layers.out_features:  # a block that keeps the width: its layers say which
+            return layers
+    # The recorded size where the layers disagree (an MoE block ends in its gate); a model-wide config.hidden_size
+    # is only the last stage's width in a model whose stages widen (Swin), hence the layers first.
+    hidden = _recorded_hidden_size(module)
+    if hidden is not None:
+        return Widths(hidden, hidden)
+    return layers if leaves else None
 
 
 def _recorded_hidden_size(module: nn.Module) -> int | None:
@@ -115,7 +119,14 @@ class BottleneckLayer(AdapterLayer):
         hidden = first_element(output)
         for name in self.active_adapters:
             source = block_input(args, kwargs) if self.parallel[name] else hidden
-            hidden = hidden + self.adapter_output(name, source).to(hidden.dtype)
+            added = self.adapter_output(name, source)
+            if added.shape != hidden.shape:
+                raise ValueError(
+                    f"A parallel adapter adds a function of a {type(self.base_layer).__name__}'s input to its output, "
+                    f"but this block maps shape {tuple(source.shape)} to {tuple(hidden.shape)} (it downsamples). "
+                    "Use a sequential placement (houlsby or pfeiffer) there, or target blocks that keep the shape."
+                )
+            hidden = hidden + added.to(hidden.dtype)
         return with_first_element(output, hidden)
 
     def adapter_output(self, adapter_name: str, source: torch.Tensor) -> torch.Tensor:
