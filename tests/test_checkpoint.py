@@ -8,7 +8,7 @@ import os
 import peft
 import pytest
 import torch
-from conftest import ARCHS, inputs_for, logits, lora_kwargs, max_diff, perturb_trainable
+from conftest import ARCHS, inputs_for, logits, lora_kwargs, max_diff, perturb_trainable, tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -39,7 +39,7 @@ def test_state_dict_keys_have_no_adapter_name_and_load_under_any_name():
     state = deltatune.get_peft_model_state_dict(model)
     assert state and all(".default." not in k and ".other." not in k for k in state)
     assert all(k.startswith("base_model.model.") for k in state)
-    assert state.keys() == deltatune.get_peft_model_state_dict(model, "other").keys()
+    assert state.keys() == deltatune.get_peft_model_state_dict(model, adapter_name="other").keys()
     deltatune.set_peft_model_state_dict(model, state, "other")
     model.set_adapter("other")
     other = logits(model, inputs_for("llama"))
@@ -262,3 +262,16 @@ def test_running_statistics_are_state_not_trainable_parameters():
     assert {"base_model.model.norm.running_mean", "base_model.model.norm.num_batches_tracked"} <= set(state)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any("running" in n for n in trainable)
+
+
+def test_state_dict_and_compiled_model_arguments_as_in_peft():
+    """peft's signature: get_peft_model_state_dict(model, state_dict=None, adapter_name="default", ...); values come
+    from the given state dict (alpaca-lora saves model.state_dict() through it)."""
+    model = deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(target_modules=["q_proj"], r=2))
+    plain = deltatune.get_peft_model_state_dict(model)
+    state = {k: v + 1 for k, v in model.state_dict().items()}
+    shifted = deltatune.get_peft_model_state_dict(model, state)
+    assert shifted.keys() == plain.keys()
+    assert all(torch.equal(shifted[k], plain[k] + 1) for k in plain)
+    compiled = torch.compile(model)
+    assert deltatune.get_peft_model_state_dict(compiled, unwrap_compiled=True).keys() == plain.keys()

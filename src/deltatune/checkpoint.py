@@ -222,24 +222,46 @@ def _file_parameter_map(model: nn.Module, adapter_name: str, bias: str | None, s
     return {("base_model." + k[len(inner):] if k.startswith(inner) else k): p for k, p in params.items()}
 
 
-def get_peft_model_state_dict(model: nn.Module, adapter_name: str = "default", bias: str | None = None,
-                              save_embedding_layers: bool | str = "auto") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under peft's file keys (detached; ready for safetensors).
+def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None,
+                              adapter_name: str = "default", unwrap_compiled: bool = False,
+                              save_embedding_layers: bool | str = "auto", *, bias: str | None = None
+                              ) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's file keys (detached; ready for safetensors); the arguments are peft's.
 
-    A prompt-learning adapter is saved as its final table of virtual-token vectors (`prompt_embeddings`),
-    whatever encoder produced it, as peft does. `save_embedding_layers` as in peft (see embedding_weights).
+    `state_dict` (the model's, under its live names) supplies the values instead of the live tensors, as in
+    peft (alpaca-lora saves this way). A prompt-learning adapter is saved as its final table of virtual-token
+    vectors (`prompt_embeddings`), whatever encoder produced it, as peft does. `save_embedding_layers` as in peft
+    (see embedding_weights). `unwrap_compiled` is accepted as in peft: a torch.compile'd model is unwrapped anyway.
     """
-    out = {k: p.detach() for k, p in _file_parameter_map(model, adapter_name, bias, saving=True, buffers=True).items()}
+    model = getattr(model, "_orig_mod", model)
+    tensors = _file_parameter_map(model, adapter_name, bias, saving=True, buffers=True)
     if _bias_option(model, adapter_name, bias) == "all":
-        out.update({k: p.detach() for k, p in _peft_wrapper_bias_copies(model, adapter_name).items()})
-    # Tied weights are one tensor under two keys: safetensors needs two.
+        tensors.update(_peft_wrapper_bias_copies(model, adapter_name))
+    # Tied weights are one tensor under two keys: safetensors needs two, hence the clones.
     tied = {**_tied_copies(model, adapter_name), **embedding_weights(model, adapter_name, save_embedding_layers)}
-    out.update({k: p.detach().clone() for k, p in tied.items() if k not in out})
+    tied = {k: t for k, t in tied.items() if k not in tensors}
+    if state_dict is not None:
+        live = {**_file_parameter_map(model, adapter_name, bias, buffers=True), **tied}
+        names = {id(t): n for n, t in reversed((*model.named_parameters(remove_duplicate=False),
+                                                *model.named_buffers(remove_duplicate=False)))}
+        tensors = {k: _value_in(state_dict, names.get(id(live.get(k))), t) for k, t in tensors.items()}
+        tied = {k: _value_in(state_dict, names.get(id(t)), t) for k, t in tied.items()}
+    out = {k: t.detach() for k, t in tensors.items()}
+    out.update({k: t.detach().clone() for k, t in tied.items()})
     encoder = _prompt_encoder(model, adapter_name)
     if encoder is not None:
         with torch.no_grad():
             out[PROMPT_KEY] = encoder().detach()
     return out
+
+
+def _value_in(state_dict: dict[str, torch.Tensor], name: str | None, saved: torch.Tensor) -> torch.Tensor:
+    """What `state_dict` holds under the live name, cut to the saved shape (a hot-swap-padded factor is saved cut
+    to its rank); the saved tensor itself when the state dict does not have it."""
+    value = state_dict.get(name) if name is not None else None
+    if value is None:
+        return saved
+    return value[tuple(slice(0, n) for n in saved.shape)] if value.shape != saved.shape else value
 
 
 def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str = "default",

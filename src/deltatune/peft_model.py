@@ -391,7 +391,7 @@ class PeftModel(nn.Module):
                 base = type(self.get_base_model())
                 config.auto_mapping = {"base_model_class": base.__name__, "parent_library": base.__module__}
             card = None if os.path.exists(os.path.join(out, MODEL_CARD_NAME)) else _model_card(config)
-            tensors = get_peft_model_state_dict(self, name, save_embedding_layers=save_embedding_layers)
+            tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
             if path_initial_model_for_weight_conversion is not None:
                 from deltatune.methods.lora.init import convert_to_plain_lora
 

@@ -53,9 +53,9 @@ def test_two_active_adapters_are_refused_in_forward():
 
 def test_saving_while_merged_writes_the_adapter_not_the_base(tmp_path):
     model = two_adapters()
-    expected = {k: v.clone() for k, v in deltatune.get_peft_model_state_dict(model, "other").items()}
+    expected = {k: v.clone() for k, v in deltatune.get_peft_model_state_dict(model, adapter_name="other").items()}
     model.merge_adapter(["other"])
-    saved = deltatune.get_peft_model_state_dict(model, "other")
+    saved = deltatune.get_peft_model_state_dict(model, adapter_name="other")
     assert all(torch.equal(saved[k], v) for k, v in expected.items())
     inputs = inputs_for("llama")
     merged = logits(model, inputs)
