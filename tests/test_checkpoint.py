@@ -275,3 +275,14 @@ def test_state_dict_and_compiled_model_arguments_as_in_peft():
     assert all(torch.equal(shifted[k], plain[k] + 1) for k in plain)
     compiled = torch.compile(model)
     assert deltatune.get_peft_model_state_dict(compiled, unwrap_compiled=True).keys() == plain.keys()
+
+
+def test_set_peft_model_state_dict_returns_the_keys_it_left_out():
+    model = deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(target_modules=["q_proj"], r=2))
+    state = deltatune.get_peft_model_state_dict(model)
+    result = deltatune.set_peft_model_state_dict(model, state)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    first = next(iter(state))
+    partial = {k: v for k, v in state.items() if k != first} | {"stray.weight": torch.zeros(1)}
+    result = deltatune.set_peft_model_state_dict(model, partial, strict=False)
+    assert result.missing_keys == [first] and result.unexpected_keys == ["stray.weight"]

@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -264,10 +265,18 @@ def _value_in(state_dict: dict[str, torch.Tensor], name: str | None, saved: torc
     return value[tuple(slice(0, n) for n in saved.shape)] if value.shape != saved.shape else value
 
 
+class LoadResult(NamedTuple):
+    """The keys a load left out, like torch's load_state_dict result (what peft's function returns)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
 def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str = "default",
                               bias: str | None = None, strict: bool = True, source: str = "the state dict"
-                              ) -> None:
-    """Copy file tensors into the adapter's live parameters; shape or key mismatches are errors."""
+                              ) -> LoadResult:
+    """Copy file tensors into the adapter's live parameters; shape mismatches are errors, and key mismatches too
+    unless `strict=False` (then they are returned, as peft returns them)."""
     expected = _file_parameter_map(model, adapter_name, bias)
     encoder = _prompt_encoder(model, adapter_name)
     if encoder is not None:
@@ -305,6 +314,7 @@ def set_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
             )
         with torch.no_grad():
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+    return LoadResult(missing, unexpected)
 
 
 # --- files -------------------------------------------------------------------------------------
