@@ -132,6 +132,11 @@ def _peft_wrapper_bias_copies(model: nn.Module, adapter_name: str) -> dict[str, 
     return out
 
 
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformers (or custom) model inside a PeftModel; any other module as it is."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _tied_copies(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """The modules_to_save copies tied to another one (ensure_weight_tying): the walk names the shared weights
     once, under their owner; peft also writes them under the tied module's key, and so does deltatune."""
@@ -154,7 +159,7 @@ def embedding_weights(model: nn.Module, adapter_name: str, save_embedding_layers
     layers, adapted or not (`<layer>.weight`). Embeddings held as modules_to_save copies are saved as such.
     """
     config = getattr(model, "peft_config", {}).get(adapter_name)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     if config is None or _prompt_encoder(model, adapter_name) is not None or not hasattr(base, "get_input_embeddings"):
         return {}
     targeted = _embeddings_targeted(base, config)
@@ -167,7 +172,7 @@ def loadable_embedding_weights(model: nn.Module, adapter_name: str) -> dict[str,
     """Every embedding base weight an adapter file may hold (see embedding_weights), whatever rule wrote it."""
     if _prompt_encoder(model, adapter_name) is not None:
         return {}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     return _embedding_layer_weights(model, base, adapted_only=False) if hasattr(base, "get_input_embeddings") else {}
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from deltatune.checkpoint import (
     AdapterLoadError,
     adapter_parameter_map,
+    base_model_of,
     load_adapter_weights,
     loadable_embedding_weights,
 )
@@ -36,12 +37,8 @@ from deltatune.methods.lora.layers import LoraEmbedding, LoraLayer, lora_scaling
 
 
 def _lora_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, LoraLayer]]:
-    return [(n, layer) for n, layer in adapter_layers(_base(model))
+    return [(n, layer) for n, layer in adapter_layers(base_model_of(model))
             if isinstance(layer, LoraLayer) and adapter_name in layer.adapter_names]
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _factors(layer: LoraLayer, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
@@ -85,7 +82,7 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_rank: int | N
             raise ValueError(message + " Pass check_compiled='warn' to go on anyway.")
         if check_compiled == "warn":
             warnings.warn(message, stacklevel=2)
-    layers = [layer for _, layer in adapter_layers(_base(model)) if isinstance(layer, LoraLayer)]
+    layers = [layer for _, layer in adapter_layers(base_model_of(model)) if isinstance(layer, LoraLayer)]
     ranks = [_factors(layer, n)[0].shape[0] for layer in layers for n in layer.adapter_names]
     if not ranks:
         raise ValueError("The model has no LoRA layers to prepare for hot-swapping.")
