@@ -15,7 +15,7 @@ Writes that bypass all of these (`param.data.add_` outside an optimizer) are not
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -48,15 +48,32 @@ class DerivedCache:
     @staticmethod
     def _key_of(sources: Sequence[torch.Tensor], extra: Any) -> tuple:
         return (_optimizer_steps, torch.is_inference_mode_enabled(), extra,
-                tuple((t.data_ptr(), t._version) for t in sources))
+                tuple([(t.data_ptr(), t._version) for t in sources]))
 
     def get(self, sources: Sequence[torch.Tensor], extra: Any = None) -> Any:
         """The cached value if it is still valid for `sources` (and `extra`, any other input), else None."""
-        if self.value is None or len(sources) != len(self._refs) or self._key != self._key_of(sources, extra):
-            return None
-        if any(ref() is not t for ref, t in zip(self._refs, sources, strict=True)):
-            return None
+        return self.value if self._valid(self._key_of(sources, extra), sources) else None
+
+    def get_or_compute(self, sources: Sequence[torch.Tensor], compute: Callable[[], Any], extra: Any = None) -> Any:
+        """The cached value, or `compute()` cached in its place: one key for both (this runs per layer and call)."""
+        key = self._key_of(sources, extra)
+        if self._valid(key, sources):
+            return self.value
+        self._store(key, sources, compute())
         return self.value
+
+    def put(self, sources: Sequence[torch.Tensor], value: Any, extra: Any = None) -> Any:
+        self._store(self._key_of(sources, extra), sources, value)
+        return value
+
+    def _valid(self, key: tuple, sources: Sequence[torch.Tensor]) -> bool:
+        return (self.value is not None and key == self._key and len(sources) == len(self._refs)
+                and all(ref() is t for ref, t in zip(self._refs, sources, strict=True)))
+
+    def _store(self, key: tuple, sources: Sequence[torch.Tensor], value: Any) -> None:
+        self._key = key
+        self._refs = tuple([weakref.ref(t) for t in sources])
+        self.value = value
 
     # A cache is not part of a model's state: a pickled or copied model (torch.save(model), deepcopy) starts empty.
     def __getstate__(self) -> bool:
@@ -67,9 +84,3 @@ class DerivedCache:
 
     def __deepcopy__(self, memo: dict) -> DerivedCache:
         return DerivedCache()
-
-    def put(self, sources: Sequence[torch.Tensor], value: Any, extra: Any = None) -> Any:
-        self._key = self._key_of(sources, extra)
-        self._refs = tuple(weakref.ref(t) for t in sources)
-        self.value = value
-        return value

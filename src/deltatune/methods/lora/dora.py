@@ -85,34 +85,39 @@ class _Dora(LoraVariant):
     """What every DoRA layer type shares: the norm, its cache, init and merging. Subclasses say how the adapted
     weight is laid out (`operands`) and write the forward."""
 
-    def operands(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> Operands:
+    def operands(self, layer: LoraLayer, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Operands:
         raise NotImplementedError
 
     def factors(self, layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        """(A, B) of one adapter. Runs per layer and call, so it reads the containers' dicts directly rather than
+        through Module.__getattr__ (a microsecond each, and host time is what a DoRA step on a GPU waits for)."""
+        modules = layer._modules
+        return (modules["lora_A"]._modules[adapter_name]._parameters["weight"],
+                modules["lora_B"]._modules[adapter_name]._parameters["weight"])
 
-    def _norm_of(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        w2, p, q, dim = self.operands(layer, adapter_name, weight)
+    def _norm_of(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor,
+                 factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """||weight + s B A|| per output feature, detached, in the magnitude's shape."""
+        w2, p, q, dim = self.operands(layer, weight, *(factors or self.factors(layer, adapter_name)))
         with torch.no_grad():
             return torch.linalg.vector_norm(_plus_low_rank(w2, p, q, layer.scaling[adapter_name]), dim=dim)
 
-    def weight_norm(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
-        """||W + s B A|| per output feature, detached, in the magnitude's shape; cached until W, A, B or s change."""
-        magnitude = layer.lora_magnitude_vector[adapter_name]
+    def weight_norm(self, layer: LoraLayer, adapter_name: str, magnitude: DoraMagnitude | None = None,
+                    factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """||W + s B A|| per output feature, detached, in the magnitude's shape; cached until W, A, B or s change.
+        The forward passes the magnitude module and factors it already holds."""
+        if magnitude is None:
+            magnitude = layer.lora_magnitude_vector[adapter_name]
+        if factors is None:
+            factors = self.factors(layer, adapter_name)
         weight = layer.base_layer.weight
-        sources, scaling = (weight, *self.factors(layer, adapter_name)), layer.scaling[adapter_name]
-        norm = magnitude.norm_cache.get(sources, scaling)
-        if norm is None:
-            norm = self._norm_of(layer, adapter_name, weight).view(magnitude.weight.shape)
-            magnitude.norm_cache.put(sources, norm, scaling)
-        return norm
+        return magnitude.norm_cache.get_or_compute(
+            (weight, *factors), lambda: self._norm_of(layer, adapter_name, weight, factors),
+            layer.scaling[adapter_name])
 
     def init(self, layer: LoraLayer, adapter_name: str) -> None:
-        norm = self._norm_of(layer, adapter_name, layer.base_layer.weight)
-        layer.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.reshape(self.magnitude_shape(layer)))
-
-    def magnitude_shape(self, layer: LoraLayer) -> tuple[int, ...]:
-        return (-1,)
+        layer.lora_magnitude_vector[adapter_name] = DoraMagnitude(
+            self._norm_of(layer, adapter_name, layer.base_layer.weight))
 
     def _unmerged_norm(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
         """The norm forward uses: of the base weight without the adapters merged into it so far."""
@@ -121,7 +126,7 @@ class _Dora(LoraVariant):
         weight = layer.base_layer.weight.detach()
         for name in reversed(layer.merged_adapters):
             weight = layer.unmerged_weight(name, weight)
-        return self._norm_of(layer, adapter_name, weight).view(layer.lora_magnitude_vector[adapter_name].weight.shape)
+        return self._norm_of(layer, adapter_name, weight)
 
     def _factor(self, magnitude: DoraMagnitude, norm: torch.Tensor, dim: int) -> torch.Tensor:
         """m / norm as a column (dim=1) or row (dim=0) that broadcasts over the 2-D weight layout."""
@@ -130,7 +135,7 @@ class _Dora(LoraVariant):
     def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         magnitude = layer.lora_magnitude_vector[adapter_name]
         norm = self._unmerged_norm(layer, adapter_name)
-        w2, p, q, dim = self.operands(layer, adapter_name, weight)
+        w2, p, q, dim = self.operands(layer, weight, *self.factors(layer, adapter_name))
         with torch.no_grad():
             merged = _plus_low_rank(w2, p, q, layer.scaling[adapter_name]).mul_(self._factor(magnitude, norm, dim))
         magnitude.merged_norm = norm
@@ -141,7 +146,7 @@ class _Dora(LoraVariant):
         magnitude = layer.lora_magnitude_vector[adapter_name]
         if magnitude.merged_norm is None:
             raise RuntimeError(f"DoRA adapter {adapter_name!r} was never merged into this layer: cannot unmerge it.")
-        w2, p, q, dim = self.operands(layer, adapter_name, weight)
+        w2, p, q, dim = self.operands(layer, weight, *self.factors(layer, adapter_name))
         with torch.no_grad():
             # weight / g - s P Q, built in one tensor
             unmerged = torch.mm(p, q).mul_(-layer.scaling[adapter_name])
@@ -157,37 +162,45 @@ def _rescaled(z: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, bias_
     return torch.addcmul(bias.view(bias_shape) * (1 - g), z, g)
 
 
-def _dropout_active(layer: LoraLayer, adapter_name: str) -> bool:
-    return layer.training and not isinstance(layer.lora_dropout[adapter_name], nn.Identity)
+def _active_dropout(layer: LoraLayer, adapter_name: str) -> nn.Module | None:
+    """The adapter's dropout module if it does anything now (training, p > 0), else None."""
+    if not layer.training:
+        return None
+    dropout = layer.lora_dropout[adapter_name]
+    return None if isinstance(dropout, nn.Identity) else dropout
 
 
 class DoraLinear(_Dora):
     """nn.Linear (weight (out, in)) and GPT-2's Conv1D (weight (in, out), fan_in_fan_out)."""
 
-    def operands(self, layer: LoraLinear, adapter_name: str, weight: torch.Tensor) -> Operands:
-        a, b = self.factors(layer, adapter_name)
+    def operands(self, layer: LoraLinear, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Operands:
         return (weight, a.T, b.T, 0) if layer.fan_in_fan_out else (weight, b, a, 1)
 
     def forward(self, layer: LoraLinear, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        # Host time is what this step waits for on a GPU (see bench/README.md), so each container is read once.
+        factors = a, b = self.factors(layer, adapter_name)
+        magnitude = layer.lora_magnitude_vector[adapter_name]
+        g = magnitude.weight / self.weight_norm(layer, adapter_name, magnitude, factors)
         scaling = layer.scaling[adapter_name]
-        g = layer.lora_magnitude_vector[adapter_name].weight / self.weight_norm(layer, adapter_name)
         out_shape = result.shape
-        x = x.to(lora_A.weight.dtype)
-        dropout = _dropout_active(layer, adapter_name)
-        if dropout:  # on the input as it comes, so that a seed draws the same mask as peft's
-            x = layer.lora_dropout[adapter_name](x)
+        if x.dtype != a.dtype:  # a no-op .to() still costs a dispatch
+            x = x.to(a.dtype)
+        dropout = _active_dropout(layer, adapter_name)
+        if dropout is not None:  # on the input as it comes, so that a seed draws the same mask as peft's
+            x = dropout(x)
         # Flat rows from here: a 3-D input would cost lora_A a fold into 2-D and back, and autograd a view node each.
         x = x.reshape(-1, x.shape[-1])
         result = result.reshape(-1, out_shape[-1])
-        if dropout:
+        if result.dtype != x.dtype:
+            result = result.to(x.dtype)
+        if dropout is not None:
             # As peft: the rescaled base term sees the dropped-out input too, so it needs its own product.
             weight = layer.base_layer.weight.to(x.dtype)
             base = F.linear(x, weight.T if layer.fan_in_fan_out else weight)
-            z = torch.addmm(base, lora_A(x), lora_B.weight.T, alpha=scaling)
+            z = torch.addmm(base, F.linear(x, a), b.T, alpha=scaling)
             out = torch.addcmul(result - base, z, g)
         else:
-            z = torch.addmm(result.to(x.dtype), lora_A(x), lora_B.weight.T, alpha=scaling)
+            z = torch.addmm(result, F.linear(x, a), b.T, alpha=scaling)
             out = _rescaled(z, g, layer.base_layer.bias, (-1,))
         return out.view(out_shape)
 
@@ -198,8 +211,8 @@ class DoraEmbedding(_Dora):
     def factors(self, layer: LoraEmbedding, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return layer.lora_embedding_A[adapter_name], layer.lora_embedding_B[adapter_name]
 
-    def operands(self, layer: LoraEmbedding, adapter_name: str, weight: torch.Tensor) -> Operands:
-        a, b = self.factors(layer, adapter_name)  # (r, num), (dim, r)
+    def operands(self, layer: LoraEmbedding, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Operands:
+        # a: (r, num), b: (dim, r)
         return weight, a.T, b.T, 0
 
     def forward(self, layer: LoraEmbedding, adapter_name: str, x: torch.Tensor, result: torch.Tensor
@@ -218,12 +231,13 @@ class DoraEmbedding(_Dora):
 class DoraConv(_Dora):
     """nn.Conv1d / nn.Conv2d: the norm is per output channel; the magnitude is shaped (1, out, 1, ...) as in peft."""
 
-    def magnitude_shape(self, layer: LoraConv) -> tuple[int, ...]:
-        weight = layer.base_layer.weight
-        return (1, -1) + (1,) * (weight.dim() - 2)
+    def _norm_of(self, layer: LoraConv, adapter_name: str, weight: torch.Tensor,
+                 factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        norm = super()._norm_of(layer, adapter_name, weight, factors)
+        return norm.view((1, -1) + (1,) * (weight.dim() - 2))
 
-    def operands(self, layer: LoraConv, adapter_name: str, weight: torch.Tensor) -> Operands:
-        a, b = self.factors(layer, adapter_name)  # (r, in, k...), (out, r, 1...)
+    def operands(self, layer: LoraConv, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Operands:
+        # a: (r, in, k...), b: (out, r, 1...)
         return weight.flatten(1), b.flatten(1), a.flatten(1), 1
 
     def forward(self, layer: LoraConv, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -232,8 +246,8 @@ class DoraConv(_Dora):
         g = layer.lora_magnitude_vector[adapter_name].weight / self.weight_norm(layer, adapter_name)
         x = x.to(lora_A.weight.dtype)
         base_layer = layer.base_layer
-        if _dropout_active(layer, adapter_name):
-            x = layer.lora_dropout[adapter_name](x)
+        if (dropout := _active_dropout(layer, adapter_name)) is not None:
+            x = dropout(x)
             base = base_layer._conv_forward(x, base_layer.weight.to(x.dtype), None)
             z = torch.add(base, lora_B(lora_A(x)), alpha=scaling)
             out = torch.addcmul(result - base, z, g)
