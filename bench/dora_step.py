@@ -20,8 +20,14 @@ order, warm-up rounds dropped); median wall and CPU time per step and the median
 Memory (accum 1): each library in a fresh spawned process, common.measure_memory (peak RSS growth and the
 deterministic tensor accounting: params + grads + AdamW state + tensors saved for backward).
 
+--host-bound shrinks the model (hidden 64, intermediate 128, 4 heads) and the batch (2 x 8) until the kernels
+cost next to nothing, and steps AdamW with foreach=True as it runs on a GPU: what is left is host time (Python,
+dispatch, autograd), which is what bounds this bench's step on a GPU (bench/README.md). A CPU-only stand-in for
+the GPU figure, to check a change to the forward without a GPU.
+
     .venv/bin/python bench/dora_step.py [--steps 10 --warmup 2 --batch 8 --seq 128 --accum 4 --threads 1 --json]
     python bench/dora_step.py --device cuda --batch 16 --seq 512 --steps 20 --warmup 5   # on a GPU
+    .venv/bin/python bench/dora_step.py --host-bound --steps 400 --warmup 30                # host time only
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 LIBS = ("deltatune", "peft")
 KINDS = (*LIBS, "lora", "frozen")
 TARGET = 0.8  # deltatune's DoRA step should take at most this share of peft's
+HOST_BOUND = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
 
 
 def set_adapter_values(lib, model: torch.nn.Module, seed: int) -> None:
@@ -62,9 +69,10 @@ def micro_batches(batch: int, seq: int, accum: int, seed: int, device: str = "cp
     return [{k: v[i::accum].to(device) for k, v in inputs.items()} for i in range(accum)]
 
 
-def build_frozen(batch: int, seq: int, accum: int, seed: int = 0, device: str = "cpu") -> common.Setup:
+def build_frozen(batch: int, seq: int, accum: int, seed: int = 0, device: str = "cpu", host_bound: bool = False
+                 ) -> common.Setup:
     """The floor: no trainable parameter, forward + backward to the input embeddings of every micro-batch."""
-    model = common.tiny_llama(seed).requires_grad_(False).train().to(device)
+    model = common.tiny_llama(seed, **(HOST_BOUND if host_bound else {})).requires_grad_(False).train().to(device)
     micros = micro_batches(batch, seq, accum, seed, device)
     embeds = [model.get_input_embeddings()(m["input_ids"]).detach().requires_grad_() for m in micros]
 
@@ -80,19 +88,21 @@ def build_frozen(batch: int, seq: int, accum: int, seed: int = 0, device: str = 
     return common.Setup(model, step, embeds, None)
 
 
-def build(kind: str, batch: int, seq: int, accum: int, seed: int = 0, device: str = "cpu") -> common.Setup:
+def build(kind: str, batch: int, seq: int, accum: int, seed: int = 0, device: str = "cpu", host_bound: bool = False
+          ) -> common.Setup:
     """The DoRA model of one library with its step closure: `accum` micro-batches, then one AdamW step."""
     if kind == "frozen":
-        return build_frozen(batch, seq, accum, seed, device)
+        return build_frozen(batch, seq, accum, seed, device, host_bound)
     lib = __import__("deltatune" if kind == "lora" else kind)
     config = lib.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=kind != "lora",
                             task_type="CAUSAL_LM")
-    model = lib.get_peft_model(common.tiny_llama(seed), config).train()
+    model = lib.get_peft_model(common.tiny_llama(seed, **(HOST_BOUND if host_bound else {})), config).train()
     set_adapter_values(lib, model, seed)
     model.to(device)
     micros = micro_batches(batch, seq, accum, seed, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    # foreach: the default on a GPU; on a CPU only where host-bound stands in for a GPU
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True if host_bound else None)
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
@@ -109,7 +119,8 @@ def build(kind: str, batch: int, seq: int, accum: int, seed: int = 0, device: st
 
 def time_all(args: argparse.Namespace, accum: int) -> tuple[dict[str, dict[str, list[float]]], float]:
     """Step times ({clock: {kind: [...]}}) and the largest loss gap between the two libraries."""
-    setups = {kind: build(kind, args.batch, args.seq, accum, device=args.device) for kind in KINDS}
+    setups = {kind: build(kind, args.batch, args.seq, accum, device=args.device, host_bound=args.host_bound)
+              for kind in KINDS}
     losses: dict[str, list[float]] = {kind: [] for kind in KINDS}
 
     def stepper(kind: str):
@@ -131,9 +142,14 @@ def main() -> None:
                         help="torch.set_num_threads in every process (1: stable on a shared machine)")
     parser.add_argument("--device", default="cpu", help="e.g. cuda (implies --no-memory: the memory columns are CPU's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurement")
+    parser.add_argument("--host-bound", action="store_true",
+                        help="a model and batch so small that only host time counts (implies --batch 2 --seq 8 "
+                             "--accum 2 --no-memory): the CPU stand-in for the GPU step")
     parser.add_argument("--json", nargs="?", const=str(common.default_json_path("dora_step")),
                         help=f"write results as JSON (default path: {common.RESULTS}/dora_step-<time>.json)")
     args = parser.parse_args()
+    if args.host_bound:
+        args.batch, args.seq, args.accum, args.no_memory = 2, 8, 2, True
     if args.batch % args.accum:
         parser.error(f"--batch {args.batch} does not split into --accum {args.accum} micro-batches")
     torch.set_num_threads(args.threads)
@@ -149,7 +165,8 @@ def main() -> None:
         runs[accum] = time_all(args, accum)
     load.append(os.getloadavg()[0])
 
-    print(f"DoRA r=16 all-linear, Llama 4x512, batch {args.batch} x seq {args.seq}, float32, {args.device}, "
+    shape = "4x64 (host-bound)" if args.host_bound else "4x512"
+    print(f"DoRA r=16 all-linear, Llama {shape}, batch {args.batch} x seq {args.seq}, float32, {args.device}, "
           f"{args.threads} thread(s), torch {torch.__version__}; medians of {args.steps} steps")
     print(f"{'accum':>5} {'config':<10} {'wall ms':>9} {'cpu ms':>9} {'min ms':>9}")
     ratios = {}

@@ -102,15 +102,14 @@ class _Dora(LoraVariant):
         with torch.no_grad():
             return torch.linalg.vector_norm(_plus_low_rank(w2, p, q, layer.scaling[adapter_name]), dim=dim)
 
-    def weight_norm(self, layer: LoraLayer, adapter_name: str, magnitude: DoraMagnitude | None = None,
-                    factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """||W + s B A|| per output feature, detached, in the magnitude's shape; cached until W, A, B or s change.
-        The forward passes the magnitude module and factors it already holds."""
-        if magnitude is None:
-            magnitude = layer.lora_magnitude_vector[adapter_name]
-        if factors is None:
-            factors = self.factors(layer, adapter_name)
-        weight = layer.base_layer.weight
+    def weight_norm(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+        """||W + s B A|| per output feature, detached, in the magnitude's shape; cached until W, A, B or s change."""
+        return self._cached_norm(layer, adapter_name, layer.lora_magnitude_vector[adapter_name],
+                                 layer.base_layer.weight, self.factors(layer, adapter_name))
+
+    def _cached_norm(self, layer: LoraLayer, adapter_name: str, magnitude: DoraMagnitude, weight: torch.Tensor,
+                     factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """weight_norm from the tensors the forward already holds."""
         return magnitude.norm_cache.get_or_compute(
             (weight, *factors), lambda: self._norm_of(layer, adapter_name, weight, factors),
             layer.scaling[adapter_name])
@@ -177,10 +176,11 @@ class DoraLinear(_Dora):
         return (weight, a.T, b.T, 0) if layer.fan_in_fan_out else (weight, b, a, 1)
 
     def forward(self, layer: LoraLinear, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        # Host time is what this step waits for on a GPU (see bench/README.md), so each container is read once.
+        # Host time is what this step waits for on a GPU (see bench/README.md), so each module is looked up once.
+        base_layer = layer.base_layer
         factors = a, b = self.factors(layer, adapter_name)
         magnitude = layer.lora_magnitude_vector[adapter_name]
-        g = magnitude.weight / self.weight_norm(layer, adapter_name, magnitude, factors)
+        g = magnitude.weight / self._cached_norm(layer, adapter_name, magnitude, base_layer.weight, factors)
         scaling = layer.scaling[adapter_name]
         out_shape = result.shape
         if x.dtype != a.dtype:  # a no-op .to() still costs a dispatch
@@ -195,13 +195,13 @@ class DoraLinear(_Dora):
             result = result.to(x.dtype)
         if dropout is not None:
             # As peft: the rescaled base term sees the dropped-out input too, so it needs its own product.
-            weight = layer.base_layer.weight.to(x.dtype)
+            weight = base_layer.weight.to(x.dtype)
             base = F.linear(x, weight.T if layer.fan_in_fan_out else weight)
             z = torch.addmm(base, F.linear(x, a), b.T, alpha=scaling)
             out = torch.addcmul(result - base, z, g)
         else:
             z = torch.addmm(result, F.linear(x, a), b.T, alpha=scaling)
-            out = _rescaled(z, g, layer.base_layer.bias, (-1,))
+            out = _rescaled(z, g, base_layer.bias, (-1,))
         return out.view(out_shape)
 
 

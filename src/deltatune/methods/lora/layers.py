@@ -164,7 +164,7 @@ class LoraLinear(LoraLayer):
             lora_A = self.lora_A[name]
             h = lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))
             result = add_scaled_product(result, h, self.lora_B[name].weight, self.scaling[name])
-        return result.to(dtype)
+        return result if result.dtype == dtype else result.to(dtype)
 
 
 class LoraEmbedding(LoraLayer):
