@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import peft
 import pytest
 import torch
@@ -361,11 +363,14 @@ def test_norm_follows_optimizer_steps_that_version_counters_miss():
     assert max_diff(model(x), fresh(x)) < 1e-6
 
 
-def test_norm_follows_optimizer_steps_under_fsdp(tmp_path):
-    """FSDP (use_orig_params=True, one CPU process over gloo): the optimizer updates the flat parameter, whose
-    views the model's parameters are, without touching their version counters."""
+@pytest.mark.parametrize("use_orig_params", [True, False])
+def test_norm_follows_optimizer_steps_under_fsdp(tmp_path, use_orig_params):
+    """FSDP (one CPU process over gloo): the optimizer updates the flat parameter, whose views the model's
+    parameters are, without touching their version counters. Without use_orig_params (as peft's FSDP + QLoRA
+    recipe runs) those views are plain tensor attributes, not registered parameters."""
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
     from deltatune.methods.lora.dora import clear_norm_cache
 
@@ -375,8 +380,13 @@ def test_norm_follows_optimizer_steps_under_fsdp(tmp_path):
     try:
         config = deltatune.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"],
                                       use_dora=True, init_lora_weights=False)
+        # Each module with a trainable weight is its own FSDP unit (as peft's fsdp_auto_wrap_policy does): a flat
+        # parameter must not mix trainable and frozen tensors without use_orig_params.
+        policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: not list(m.children()) and getattr(
+            getattr(m, "weight", None), "requires_grad", False))
         model = FullyShardedDataParallel(deltatune.get_peft_model(tiny_llama(), config).train(),
-                                         use_orig_params=True, device_id=torch.device("cpu"))
+                                         auto_wrap_policy=policy, use_orig_params=use_orig_params,
+                                         device_id=torch.device("cpu"))
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
         ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(0))
         model(input_ids=ids, labels=ids).loss.backward()

@@ -89,11 +89,7 @@ class _Dora(LoraVariant):
         raise NotImplementedError
 
     def factors(self, layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of one adapter. Runs per layer and call, so it reads the containers' dicts directly rather than
-        through Module.__getattr__ (a microsecond each, and host time is what a DoRA step on a GPU waits for)."""
-        modules = layer._modules
-        return (modules["lora_A"]._modules[adapter_name]._parameters["weight"],
-                modules["lora_B"]._modules[adapter_name]._parameters["weight"])
+        return _entry(layer, "lora_A", adapter_name).weight, _entry(layer, "lora_B", adapter_name).weight
 
     def _norm_of(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor,
                  factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -161,11 +157,18 @@ def _rescaled(z: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None, bias_
     return torch.addcmul(bias.view(bias_shape) * (1 - g), z, g)
 
 
+def _entry(layer: LoraLayer, container: str, adapter_name: str) -> nn.Module:
+    """layer.<container>[adapter_name], read from the modules' dicts: this runs per layer and call, and host time is
+    what a DoRA step on a GPU waits for (bench/README.md); Module.__getattr__ and ModuleDict.__getitem__ cost a
+    microsecond between them. Read parameters of the entry as attributes: under FSDP it may be a wrapper."""
+    return layer._modules[container]._modules[adapter_name]
+
+
 def _active_dropout(layer: LoraLayer, adapter_name: str) -> nn.Module | None:
     """The adapter's dropout module if it does anything now (training, p > 0), else None."""
     if not layer.training:
         return None
-    dropout = layer.lora_dropout[adapter_name]
+    dropout = _entry(layer, "lora_dropout", adapter_name)
     return None if isinstance(dropout, nn.Identity) else dropout
 
 
@@ -179,7 +182,7 @@ class DoraLinear(_Dora):
         # Host time is what this step waits for on a GPU (see bench/README.md), so each module is looked up once.
         base_layer = layer.base_layer
         factors = a, b = self.factors(layer, adapter_name)
-        magnitude = layer.lora_magnitude_vector[adapter_name]
+        magnitude = _entry(layer, "lora_magnitude_vector", adapter_name)
         g = magnitude.weight / self._cached_norm(layer, adapter_name, magnitude, base_layer.weight, factors)
         scaling = layer.scaling[adapter_name]
         out_shape = result.shape

@@ -151,7 +151,7 @@ def stacked_factors(layer: LoraLinear, names: tuple[str, ...], dtype: torch.dtyp
     mods_a, mods_b, scaling = layer.lora_A._modules, layer.lora_B._modules, layer.scaling
     grad = torch.is_grad_enabled() and any(
         p.requires_grad for n in names if n in mods_a for p in (mods_a[n].weight, mods_b[n].weight))
-    factors = [(i + 1, mod._parameters["weight"], mods_b[n]._parameters["weight"], scaling[n])
+    factors = [(i + 1, mod.weight, mods_b[n].weight, scaling[n])
                for i, (n, mod) in enumerate(mods_a.items()) if not grad or n in names]
     sources = [t for _, a, b, s in factors for t in (a, b, s) if torch.is_tensor(t)]
     key = (dtype, tuple((i, None if torch.is_tensor(s) else s) for i, _, _, s in factors))
