@@ -13,7 +13,9 @@ Cost. The forward never builds W + s B A: the base output is rescaled instead, w
 one addmm, out = g * (W x + s B A x) + (1 - g) * bias with g = m / ||W + s B A||. The norm needs one full copy
 of the weight, so it is computed once and cached on the adapter (derived.py): it is recomputed after each
 optimizer step or other change to W, A, B or the scaling, and reused by the micro-batches of a
-gradient-accumulation step and by activation-checkpointing recomputation.
+gradient-accumulation step and by activation-checkpointing recomputation. On a GPU a DoRA step of a small model
+waits on host time, not kernels (bench/README.md), so the forward also keeps Python lean: it reads the factors'
+weights rather than calling the lora_A / lora_B modules (forward hooks on those do not run for DoRA adapters).
 """
 
 from __future__ import annotations
