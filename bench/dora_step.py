@@ -36,6 +36,7 @@ import argparse
 import functools
 import os
 import statistics
+import sys
 import warnings
 import zlib
 
@@ -143,13 +144,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="e.g. cuda (implies --no-memory: the memory columns are CPU's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurement")
     parser.add_argument("--host-bound", action="store_true",
-                        help="a model and batch so small that only host time counts (implies --batch 2 --seq 8 "
-                             "--accum 2 --no-memory): the CPU stand-in for the GPU step")
+                        help="a model and batch so small that only host time counts (defaults then: --batch 2 "
+                             "--seq 8 --accum 2 --no-memory): the CPU stand-in for the GPU step")
     parser.add_argument("--json", nargs="?", const=str(common.default_json_path("dora_step")),
                         help=f"write results as JSON (default path: {common.RESULTS}/dora_step-<time>.json)")
+    if "--host-bound" in sys.argv[1:]:
+        parser.set_defaults(batch=2, seq=8, accum=2, no_memory=True)
     args = parser.parse_args()
-    if args.host_bound:
-        args.batch, args.seq, args.accum, args.no_memory = 2, 8, 2, True
     if args.batch % args.accum:
         parser.error(f"--batch {args.batch} does not split into --accum {args.accum} micro-batches")
     torch.set_num_threads(args.threads)

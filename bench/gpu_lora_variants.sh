@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 RESULTS=${RESULTS:-bench/results}
-BENCHES=${BENCHES:-mixed dora}
+BENCHES=${BENCHES-mixed dora}
+[ -n "${BENCHES// }" ] || { echo "BENCHES is empty: name mixed and/or dora" >&2; exit 2; }
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 mkdir -p "$RESULTS"
 

@@ -51,3 +51,13 @@ def test_put_and_get_agree_with_get_or_compute():
     assert cache.get((a,), "extra") == "value"
     assert cache.get((a,), "other") is None
     assert cache.get_or_compute((a,), lambda: "new", "extra") == "value"
+
+
+def test_a_value_computed_in_inference_mode_is_not_reused_outside_it():
+    a = torch.ones(3)
+    cache = DerivedCache()
+    compute, calls = counting_sum((a,))
+    with torch.inference_mode():
+        cache.get_or_compute((a,), compute)
+    cache.get_or_compute((a,), compute)
+    assert calls[0] == 2

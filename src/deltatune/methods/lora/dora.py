@@ -14,8 +14,9 @@ one addmm, out = g * (W x + s B A x) + (1 - g) * bias with g = m / ||W + s B A||
 of the weight, so it is computed once and cached on the adapter (derived.py): it is recomputed after each
 optimizer step or other change to W, A, B or the scaling, and reused by the micro-batches of a
 gradient-accumulation step and by activation-checkpointing recomputation. On a GPU a DoRA step of a small model
-waits on host time, not kernels (bench/README.md), so the forward also keeps Python lean: it reads the factors'
-weights rather than calling the lora_A / lora_B modules (forward hooks on those do not run for DoRA adapters).
+waits on host time, not kernels (bench/README.md), so the forward also keeps Python lean: on Linear and Conv1D
+it reads the factors' weights rather than calling the lora_A / lora_B modules (forward hooks on those do not run
+there). Under FSDP, wrap whole decoder layers (as accelerate does), not the adapters' own modules.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class _Dora(LoraVariant):
 
     def _norm_of(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor,
                  factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """||weight + s B A|| per output feature, detached, in the magnitude's shape."""
+        """||weight + s B A|| per output feature, detached (1-D; DoraConv shapes it like its magnitude)."""
         w2, p, q, dim = self.operands(layer, weight, *(factors or self.factors(layer, adapter_name)))
         with torch.no_grad():
             return torch.linalg.vector_norm(_plus_low_rank(w2, p, q, layer.scaling[adapter_name]), dim=dim)

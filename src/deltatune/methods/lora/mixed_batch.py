@@ -147,7 +147,8 @@ def stacked_factors(layer: LoraLinear, names: tuple[str, ...], dtype: torch.dtyp
 
     Without gradients every adapter is stacked (cached); with them, adapters outside `names` are zero entries,
     so that only the batch's factors receive gradients."""
-    # Runs per layer and call, so it reads the containers' dicts directly rather than through Module.__getattr__.
+    # Runs per layer and call, so it reads the containers' dicts directly rather than through Module.__getattr__
+    # (the weights themselves as attributes: under FSDP an entry may be a wrapper).
     mods_a, mods_b, scaling = layer.lora_A._modules, layer.lora_B._modules, layer.scaling
     grad = torch.is_grad_enabled() and any(
         p.requires_grad for n in names if n in mods_a for p in (mods_a[n].weight, mods_b[n].weight))
