@@ -33,6 +33,7 @@ from deltatune.peft_model import (
     get_peft_model,
 )
 from deltatune.quantized.training import cast_mixed_precision_params, prepare_model_for_kbit_training
+from deltatune.status import get_layer_status, get_model_status
 
 __version__ = "0.1.0"
 
@@ -66,6 +67,8 @@ __all__ = [
     "PeftModelForTokenClassification",
     "TaskType",
     "cast_mixed_precision_params",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
     "hotswap_adapter",
     "prepare_model_for_compiled_hotswap",

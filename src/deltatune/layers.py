@@ -144,7 +144,7 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def modules_of_type(model: nn.Module, kind: type[M]) -> Iterator[tuple[str, M]]:
+def modules_of_type(model: nn.Module, kind: type[M] | tuple[type, ...]) -> Iterator[tuple[str, M]]:
     """(name, module) of every `kind` in `model`, in named_modules() order, without descending into adapter
     layers (adapters never nest). Their adapter containers hold most of a model's modules, so this is what
     keeps per-call walks (mixed-adapter batches, disable_adapter) cheap beside named_modules()."""

@@ -31,6 +31,7 @@ from deltatune.layers import adapter_layers
 from deltatune.methods.lora.mixed_batch import batch_size_of, generation_expansion, mixed_adapter_rows
 from deltatune.quantized import dequantize_model, parameter_count
 from deltatune.registry import Method, get_method
+from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 
 class TunedModel(nn.Module):
@@ -291,6 +292,14 @@ class PeftModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         share = 100 * trainable / total
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """Each adapter layer's adapters: active, merged, trainable, devices (status.py)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The layers' status folded into one value per field, "irregular" where they disagree (status.py)."""
+        return get_model_status(self)
 
     # --- forward -------------------------------------------------------------------------------
     @property
