@@ -190,6 +190,40 @@ def test_add_adapter_does_not_change_the_active_one():
     assert all(".default." in n for n in trainable_names(model))
 
 
+def two_adapter_model(lib):
+    model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                            modules_to_save=["lm_head"], bias="lora_only"))
+    model.add_adapter("other", lib.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True,
+                                              modules_to_save=["lm_head"]))
+    return model
+
+
+@pytest.mark.parametrize("step", ["switch", "switch_frozen", "unfreeze_other", "freeze_both"])
+def test_set_adapter_inference_mode_and_set_requires_grad_train_what_peft_trains(step):
+    names = []
+    for lib in (deltatune, peft):
+        model = two_adapter_model(lib)
+        if step == "switch":
+            model.set_adapter("other")
+        elif step == "switch_frozen":
+            model.set_adapter("other", inference_mode=True)
+        elif step == "unfreeze_other":  # both adapters train (bias, magnitude and lm_head copies included)
+            model.set_requires_grad("other")
+        else:
+            model.set_requires_grad(["other", "default"], requires_grad=False)
+        names.append(trainable_names(model))
+    assert names[0] == names[1]
+    assert bool(names[0]) == (step in ("switch", "unfreeze_other"))
+
+
+def test_set_requires_grad_names_unknown_adapters_and_changes_nothing():
+    model = two_adapter_model(deltatune)
+    before = trainable_names(model)
+    with pytest.raises(ValueError, match=r"No adapter named 'missing'. Loaded adapters: \['default', 'other'\]"):
+        model.set_requires_grad(["other", "missing"])
+    assert trainable_names(model) == before
+
+
 def sgd_step(model, inputs, lr: float = 0.5) -> None:
     model.train()
     loss = model(**inputs, labels=inputs["input_ids"]).loss

@@ -479,6 +479,17 @@ def test_switch_between_prompt_adapters_without_reloading(tmp_path):
         assert torch.allclose(loaded(input_ids=IDS).logits, first, atol=1e-6)
 
 
+def test_prompt_adapter_switched_in_inference_mode_stays_frozen():
+    model = make("prompt")
+    model.add_adapter("other", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6))
+    model.set_adapter("other", inference_mode=True)
+    assert not any(p.requires_grad for p in model.parameters())
+    model.set_adapter("other")
+    assert [p for p in model.parameters() if p.requires_grad] == [model.prompt_encoder["other"].embedding.weight]
+    model.set_requires_grad("default")  # both train now
+    assert sum(p.requires_grad for p in model.parameters()) == 2
+
+
 def test_sequence_classification_trains_prompt_and_head():
     torch.manual_seed(0)
     model = dt.get_peft_model(tiny_bert(), PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N))

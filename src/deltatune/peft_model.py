@@ -21,6 +21,7 @@ from deltatune import injection, prompt_learning
 from deltatune.checkpoint import (
     MODEL_CARD_NAME,
     AdapterLoadError,
+    adapter_parameter_map,
     get_peft_model_state_dict,
     load_adapter_weights,
     save_adapter_folder,
@@ -147,11 +148,12 @@ class PeftModel(nn.Module):
             injection.add_modules_to_save(model, config.modules_to_save, adapter_name)
         return config
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Switch the active adapter. Merged weights hold the old adapter, so they are unmerged first (as peft)."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Switch the active adapter and make it the trainable one, or keep it frozen with `inference_mode=True`
+        (as peft). Merged weights hold the old adapter, so they are unmerged first (as peft)."""
         self._check_known(adapter_name)
         if self._prompt_tables_only():
-            self._switch_prompt_table(adapter_name)
+            self._switch_prompt_table(adapter_name, inference_mode)
             return
         merged = any(layer.merged for _, layer in adapter_layers(self.get_base_model()))
         if merged and adapter_name != self.active_adapter:
@@ -163,7 +165,7 @@ class PeftModel(nn.Module):
             injection.unmerge_adapters(self.get_base_model())
         self.active_adapter = adapter_name
         injection.set_active_adapters(self.get_base_model(), [adapter_name])
-        self._mark_trainable()
+        self._mark_trainable(frozen=inference_mode)
 
     def _prompt_tables_only(self) -> bool:
         """True when every adapter is a prompt encoder with nothing inside the model (no layers, no copies)."""
@@ -172,10 +174,10 @@ class PeftModel(nn.Module):
             for name, config in self.peft_config.items()
         )
 
-    def _switch_prompt_table(self, adapter_name: str) -> None:
+    def _switch_prompt_table(self, adapter_name: str, frozen: bool = False) -> None:
         """Switching between prompt encoders touches only them: no walk over the model (task switching cost)."""
         self.active_adapter = adapter_name
-        trainable = not self.peft_config[adapter_name].inference_mode
+        trainable = not (frozen or self.peft_config[adapter_name].inference_mode)
         for name, encoder in self.prompt_encoder.items():
             encoder.requires_grad_(trainable and name == adapter_name)
 
@@ -194,11 +196,24 @@ class PeftModel(nn.Module):
                 f"No adapter named {adapter_name!r}. Loaded adapters: {sorted(self.peft_config)}."
             )
 
-    def _mark_trainable(self) -> None:
-        config = self.peft_config.get(self.active_adapter)
+    def _mark_trainable(self, frozen: bool = False) -> None:
+        config = None if frozen else self.peft_config.get(self.active_adapter)
         injection.mark_trainable(self, self.active_adapter, config)
-        if self.active_adapter in self.prompt_encoder and not config.inference_mode:
+        if self.active_adapter in self.prompt_encoder and config is not None and not config.inference_mode:
             self.prompt_encoder[self.active_adapter].requires_grad_(True)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Unfreeze (or freeze) whole adapters, active or not, e.g. to train two at once (as peft's method of that
+        name; here prompt-learning adapters are accepted too). The next set_adapter trains only the active one."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._check_known(name)
+        for name in names:
+            if name in self.prompt_encoder:
+                self.prompt_encoder[name].requires_grad_(requires_grad)
+            bias = getattr(self.peft_config[name], "bias", "none")
+            for param in adapter_parameter_map(self.get_base_model(), name, bias).values():
+                param.requires_grad_(requires_grad)
 
     def disable_adapter_layers(self) -> None:
         """Run the bare base model until enable_adapter_layers(), as peft's method of that name; merged adapters
