@@ -203,8 +203,8 @@ class PeftModel(nn.Module):
             self.prompt_encoder[self.active_adapter].requires_grad_(True)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
-        """Unfreeze (or freeze) whole adapters, active or not, e.g. to train two at once (as peft's method of that
-        name; here prompt-learning adapters are accepted too). The next set_adapter trains only the active one."""
+        """Unfreeze (or freeze) whole adapters, active or not, as peft's method of that name (which refuses
+        prompt-learning adapters; they are accepted here). The next set_adapter trains only the active one."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             self._check_known(name)
