@@ -333,6 +333,21 @@ def test_a_norm_cached_in_inference_mode_is_not_reused_for_training():
     assert model.layer.lora_magnitude_vector["default"].weight.grad is not None
 
 
+@pytest.mark.parametrize("kind", LAYER_NAMES)
+def test_norm_and_merge_under_autocast_are_full_precision(kind):
+    """Autocast would round W in W + s B A; the cached norm must not carry that into later float32 forwards or a
+    merge (an evaluation pass under bf16 autocast, then merge_and_unload)."""
+    ours, theirs = dora_pair(kind)
+    x = layer_input(kind)
+    with torch.no_grad():
+        reference = theirs(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours(x)
+        assert max_diff(ours(x), reference) < TOL
+        ours.layer.merge()
+        assert max_diff(ours(x), reference) < TOL
+
+
 class DataWritingSGD(torch.optim.Optimizer):
     """Plain SGD that writes through `.data`, which leaves version counters alone: as an update that reaches the
     parameters through other storage does (FSDP's optimizer steps a flat parameter the model's are views of)."""

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import deltatune
 from deltatune import AdapterLoadError, hotswap_adapter, prepare_model_for_compiled_hotswap
+from deltatune.methods.lora.layers import LoraLayer
 
 
 def save_adapter(path, seed: int, targets=("q_proj", "v_proj"), lib=deltatune, **kwargs) -> str:
@@ -130,6 +131,17 @@ def test_target_rank_below_loaded_rank_is_refused(adapters):
         prepare_model_for_compiled_hotswap(model, target_rank=4)
 
 
+def test_dora_is_refused_before_any_layer_is_padded(adapters):
+    model = load(adapters["small"])
+    model.add_adapter("d", deltatune.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    before = {n: p.shape for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"\['d'\] use DoRA"):
+        prepare_model_for_compiled_hotswap(model, target_rank=8)
+    assert {n: p.shape for n, p in model.named_parameters()} == before
+    lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert not any(torch.is_tensor(s) for layer in lora_layers for s in layer.scaling.values())
+
+
 # --- saving a padded or hot-swapped adapter -------------------------------------------------------
 def saved_files(path) -> tuple[dict[str, torch.Tensor], dict]:
     config = json.loads((Path(path) / "adapter_config.json").read_text())
@@ -245,6 +257,8 @@ def test_swap_takes_the_new_adapters_dropout(adapters, tmp_path):
     dropped = save_adapter(tmp_path / "dropped", seed=6, r=4, lora_dropout=0.3)
     hotswap_adapter(model, dropped)
     assert isinstance(layer.lora_dropout["default"], torch.nn.Dropout) and layer.lora_dropout["default"].p == 0.3
+    assert not layer.lora_dropout["default"].training  # the model is in eval mode: no dropout at inference
+    assert torch.equal(logits(model), logits(model)) and torch.allclose(logits(model), logits(load(dropped)))
     hotswap_adapter(model, save_adapter(tmp_path / "dropped2", seed=7, r=4, lora_dropout=0.1))
     assert layer.lora_dropout["default"].p == 0.1
     hotswap_adapter(model, adapters["small"])

@@ -21,6 +21,7 @@ there). Under FSDP, wrap whole decoder layers (as accelerate does), not the adap
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -77,6 +78,15 @@ def clear_norm_cache(model: nn.Module) -> None:
             module.clear_norm_cache()
 
 
+def _autocast_off(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast would run W + s B A in half precision, rounding W itself: the norm and merges are exact instead
+    (the norm is cached, so a rounded one would outlive the autocast region)."""
+    device = tensor.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _plus_low_rank(w2: torch.Tensor, p: torch.Tensor, q: torch.Tensor, scaling: float) -> torch.Tensor:
     """W2 + scaling * P @ Q as one new tensor (the only full-size copy), in the factors' dtype."""
     if w2.dtype == p.dtype:
@@ -98,7 +108,7 @@ class _Dora(LoraVariant):
                  factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """||weight + s B A|| per output feature, detached (1-D; DoraConv shapes it like its magnitude)."""
         w2, p, q, dim = self.operands(layer, weight, *(factors or self.factors(layer, adapter_name)))
-        with torch.no_grad():
+        with torch.no_grad(), _autocast_off(w2):
             return torch.linalg.vector_norm(_plus_low_rank(w2, p, q, layer.scaling[adapter_name]), dim=dim)
 
     def weight_norm(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
@@ -134,7 +144,7 @@ class _Dora(LoraVariant):
         magnitude = layer.lora_magnitude_vector[adapter_name]
         norm = self._unmerged_norm(layer, adapter_name)
         w2, p, q, dim = self.operands(layer, weight, *self.factors(layer, adapter_name))
-        with torch.no_grad():
+        with torch.no_grad(), _autocast_off(w2):
             merged = _plus_low_rank(w2, p, q, layer.scaling[adapter_name]).mul_(self._factor(magnitude, norm, dim))
         magnitude.merged_norm = norm
         magnitude.clear_norm_cache()  # the weight's storage is about to be replaced
@@ -145,7 +155,7 @@ class _Dora(LoraVariant):
         if magnitude.merged_norm is None:
             raise RuntimeError(f"DoRA adapter {adapter_name!r} was never merged into this layer: cannot unmerge it.")
         w2, p, q, dim = self.operands(layer, weight, *self.factors(layer, adapter_name))
-        with torch.no_grad():
+        with torch.no_grad(), _autocast_off(w2):
             # weight / g - s P Q, built in one tensor
             unmerged = torch.mm(p, q).mul_(-layer.scaling[adapter_name])
             unmerged.addcdiv_(w2, self._factor(magnitude, magnitude.merged_norm, dim))

@@ -89,10 +89,11 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_rank: int | N
     target = max(ranks) if target_rank is None else target_rank
     if target < max(ranks):
         raise ValueError(f"target_rank={target} is smaller than a loaded adapter's rank ({max(ranks)}).")
+    dora = sorted({name for layer in layers for name in layer.lora_variant})
+    if dora:  # refused before any layer is padded
+        raise ValueError(f"Adapter(s) {dora} use DoRA, which hot-swapping does not support yet.")
     for layer in layers:
         for name in layer.adapter_names:
-            if name in layer.lora_variant:
-                raise ValueError(f"Adapter {name!r} uses DoRA, which hot-swapping does not support yet.")
             a, b = _factors(layer, name)
             pad = target - a.shape[0]
             if pad:
@@ -172,7 +173,8 @@ def _set_dropout(layer: LoraLayer, adapter_name: str, p: float) -> None:
     if isinstance(current, nn.Dropout) and p > 0:
         current.p = p
     elif isinstance(current, nn.Dropout) or p > 0:
-        layer.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        # a new module starts in training mode: it takes the layer's, or an eval model would drop out
+        layer.lora_dropout[adapter_name] = (nn.Dropout(p) if p > 0 else nn.Identity()).train(layer.training)
 
 
 def _checked_updates(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor], path: str

@@ -114,7 +114,10 @@ def _check_request(peft_model: PeftModel, adapter_names: Sequence[str], batch_si
         if config.use_dora:
             raise ValueError(f"Adapter {name!r} uses DoRA; mixed-adapter batches support plain LoRA only.")
     base = peft_model.get_base_model()
-    if torch.is_grad_enabled() and base.training and getattr(base, "is_gradient_checkpointing", False):
+    checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers' newer name
+    if checkpointing is None:
+        checkpointing = getattr(base, "is_gradient_checkpointing", False)
+    if torch.is_grad_enabled() and base.training and checkpointing:
         raise ValueError("Mixed-adapter batches cannot train with gradient checkpointing: its backward pass reruns "
                          "the forward after the rows' adapter routing has ended. Call gradient_checkpointing_disable() "
                          "or run the batch without gradients.")
