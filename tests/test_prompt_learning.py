@@ -238,6 +238,19 @@ def cache_lengths(model) -> Iterator[list[int]]:
         handle.remove()
 
 
+@pytest.mark.parametrize("method", ["prompt", "prefix_plain"])
+def test_a_plain_peft_model_generates_with_its_prompt_adapter(method):
+    """Made without a task_type: generate() still puts the virtual tokens in (not the bare model's generate)."""
+    model = make_lively(method, task=None)
+    assert type(model) is dt.PeftModel
+    options = {"input_ids": LLAMA_IDS, "attention_mask": LLAMA_MASK, "max_new_tokens": 6, "do_sample": False}
+    with torch.no_grad():
+        out = model.generate(**options)
+        assert torch.equal(out, greedy_by_forward(model, LLAMA_IDS, LLAMA_MASK, 6))
+        with model.disable_adapter():
+            assert not torch.equal(out, model.generate(**options))
+
+
 @pytest.mark.parametrize("method", GENERATING)
 def test_causal_generate_equals_repeated_forward_with_and_without_cache(method):
     model = make_causal(method)

@@ -343,6 +343,13 @@ class PeftModel(nn.Module):
             return prompt_learning.prefix_inputs(model, config, table, kwargs)
         return prompt_learning.embedding_inputs(model, config, table, kwargs)
 
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """generate() as the task classes run it (adapter_names, prompt adapters), for a PeftModel made without a
+        task_type: the model's config says whether it is an encoder-decoder."""
+        config = getattr(self.get_base_model(), "config", None)
+        task_class = PeftModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else PeftModelForCausalLM
+        return task_class.generate(self, *args, adapter_names=adapter_names, **kwargs)
+
     def _generate_mixed(self, adapter_names: list[str], args: tuple, kwargs: dict[str, Any]) -> Any:
         """generate() with one LoRA adapter per input row; generate() repeats a row for each beam or returned
         sequence, and its adapter with it (an encoder-decoder's encoder sees each row once)."""

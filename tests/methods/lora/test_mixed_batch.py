@@ -6,6 +6,7 @@ import peft
 import pytest
 import torch
 from conftest import tiny_bert, tiny_llama, tiny_t5
+from transformers import ViTConfig, ViTForImageClassification
 
 import deltatune
 from deltatune.methods.lora.mixed_batch import BASE
@@ -21,11 +22,11 @@ def perturbed(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=g) * 0.1)
 
 
-def mixed_model() -> deltatune.PeftModel:
+def mixed_model(task_type: str | None = "CAUSAL_LM") -> deltatune.PeftModel:
     model = None
     for i, (name, kwargs) in enumerate(ADAPTERS.items()):
         targets = ["q_proj", "v_proj"] if name != "c" else ["down_proj"]  # c adapts other layers than a and b
-        config = deltatune.LoraConfig(task_type="CAUSAL_LM", target_modules=targets, **kwargs)
+        config = deltatune.LoraConfig(task_type=task_type, target_modules=targets, **kwargs)
         if model is None:
             model = deltatune.get_peft_model(tiny_llama(), config, adapter_name=name)
         else:
@@ -104,9 +105,11 @@ def test_gradients_reach_each_rows_adapter():
     assert layer.lora_B["b"].weight.grad is None or layer.lora_B["b"].weight.grad.abs().sum() == 0
 
 
+@pytest.mark.parametrize("task_type", ["CAUSAL_LM", None])  # None: a plain PeftModel generates as the task class
 @pytest.mark.parametrize("num_beams", [1, 2])
-def test_generate_rows_match_single_adapter_runs(num_beams):
-    model = mixed_model()
+def test_generate_rows_match_single_adapter_runs(num_beams, task_type):
+    model = mixed_model(task_type)
+    assert (type(model) is deltatune.PeftModel) == (task_type is None)
     rows = ["b", "a", BASE, "c"]
     ids = torch.randint(1, 128, (len(rows), 5), generator=torch.Generator().manual_seed(1))
     kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams, pad_token_id=0)
@@ -220,6 +223,27 @@ def test_wrong_number_of_names():
         model(torch.randint(1, 128, (2, 5)), adapter_names=["a"])
     with pytest.raises(ValueError, match="got 3 name.*batch of 2"):
         model.generate(input_ids=torch.randint(1, 128, (2, 5)), adapter_names=["a", "b", "c"], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"a list with one adapter name per row, not a string: pass \['a'\] \* 2"):
+        model(torch.randint(1, 128, (2, 5)), adapter_names="a")
+
+
+def test_vision_inputs_by_keyword():
+    """pixel_values (and audio models' input_features / input_values) tell the batch size as input_ids do."""
+    config = ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, num_labels=3)
+    torch.manual_seed(0)
+    model = deltatune.get_peft_model(ViTForImageClassification(config),
+                                     deltatune.LoraConfig(target_modules=["q_proj", "v_proj"]), adapter_name="a")
+    model.add_adapter("b", deltatune.LoraConfig(target_modules=["q_proj", "v_proj"]))
+    perturbed(model, seed=0)
+    model.eval()
+    pixels = torch.randn(3, 3, 8, 8)
+    rows = ["b", BASE, "a"]
+    with torch.no_grad():
+        mixed = model(pixel_values=pixels, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            expected = alone(model, name, lambda i=i: model(pixel_values=pixels[i:i + 1]).logits)
+            torch.testing.assert_close(mixed[i:i + 1], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_dora_and_other_methods_are_refused_by_name():

@@ -95,7 +95,10 @@ def mixed_adapter_rows(peft_model: PeftModel, adapter_names: Sequence[str], batc
 
 def _check_request(peft_model: PeftModel, adapter_names: Sequence[str], batch_size: int) -> list[str]:
     """The distinct adapters (BASE left out) in request order, after refusing what a mixed batch cannot do."""
-    if isinstance(adapter_names, str) or len(adapter_names) != batch_size:
+    if isinstance(adapter_names, str):
+        raise ValueError(f"adapter_names takes a list with one adapter name per row, not a string: pass "
+                         f"[{adapter_names!r}] * {batch_size} to run every row with {adapter_names!r}.")
+    if len(adapter_names) != batch_size:
         raise ValueError(
             f"adapter_names needs one adapter name per row: got {len(adapter_names)} name(s) for a batch of "
             f"{batch_size}."
@@ -126,14 +129,19 @@ def _check_request(peft_model: PeftModel, adapter_names: Sequence[str], batch_si
     return names
 
 
+# The main input of text, vision and audio models, by the keyword transformers' models take it under.
+MAIN_INPUTS = ("input_ids", "inputs_embeds", "inputs", "pixel_values", "input_features", "input_values")
+
+
 def batch_size_of(args: tuple, kwargs: dict[str, Any]) -> int:
     encoder_outputs = kwargs.get("encoder_outputs")
-    candidates = (*args[:1], *(kwargs.get(name) for name in ("input_ids", "inputs_embeds", "inputs")),
+    candidates = (*args[:1], *(kwargs.get(name) for name in MAIN_INPUTS),
                   encoder_outputs[0] if encoder_outputs is not None else None, kwargs.get("decoder_input_ids"))
     for value in candidates:
         if torch.is_tensor(value):
             return value.shape[0]
-    raise ValueError("adapter_names needs input_ids, inputs_embeds or encoder_outputs to know the batch size.")
+    raise ValueError(f"adapter_names needs the batch as a tensor to know its size: pass the inputs positionally or "
+                     f"as one of {', '.join(MAIN_INPUTS)} or encoder_outputs.")
 
 
 def generation_expansion(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:
