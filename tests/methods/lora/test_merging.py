@@ -274,6 +274,35 @@ def test_new_adapter_config_targets_the_union_and_is_inactive():
     assert not any(p.requires_grad for n, p in ours.named_parameters() if ".new" in n)
 
 
+@pytest.mark.parametrize("limits", [
+    {"a": {"layers_to_transform": [0]}, "b": {"layers_to_transform": [1]}},
+    {"a": {"layers_to_transform": 0}, "b": {}},
+    {"a": {"exclude_modules": ["model.layers.1.self_attn.q_proj"]}, "b": {}},
+])
+def test_combination_covers_every_adapters_layers(limits):
+    """peft keeps the first adapter's layers_to_transform / exclude_modules and so drops the others' deltas
+    outside them; here the combination covers every layer an adapter adapts."""
+    configs = {name: _lora(["q_proj"], 4, 8, **limits[name]) for name in ("a", "b")}
+    ours, _ = ours_and_peft(tiny_llama, configs)
+    ours.add_weighted_adapter(["a", "b"], [1.5, -0.5], "new", combination_type="cat")
+    for layer in ours.base_model.model.model.layers:
+        q_proj = layer.self_attn.q_proj
+        expected = sum(w * q_proj.delta_weight(name) for name, w in (("a", 1.5), ("b", -0.5))
+                       if name in q_proj.adapter_names)
+        assert max_diff(q_proj.delta_weight("new"), expected) < TOL
+
+
+def test_grouped_convolutions_are_refused_and_nothing_is_added():
+    def grouped():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(4, 6, 3, groups=2))
+    ours = deltatune.get_peft_model(grouped(), deltatune.LoraConfig(r=4, target_modules=["0"]), adapter_name="a")
+    ours.add_adapter("b", deltatune.LoraConfig(r=4, target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"grouped convolutions \(\['0'\]\).*merge_adapter"):
+        ours.add_weighted_adapter(["a", "b"], [1.0, 1.0], "new", combination_type="linear")
+    assert sorted(ours.peft_config) == ["a", "b"]
+
+
 def test_single_adapter_is_combined_linearly():
     ours, _ = ours_and_peft(tiny_llama, MODELS["llama"][2])
     ours.add_weighted_adapter(["a"], [2.0], "twice", combination_type="svd")

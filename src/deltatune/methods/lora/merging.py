@@ -31,7 +31,7 @@ from deltatune import injection
 from deltatune.layers import adapter_layers
 from deltatune.methods.lora.config import LoraConfig
 from deltatune.methods.lora.init import mutates_base
-from deltatune.methods.lora.layers import LoraEmbedding, LoraLayer
+from deltatune.methods.lora.layers import LoraConv, LoraEmbedding, LoraLayer
 
 if TYPE_CHECKING:
     from deltatune.peft_model import PeftModel
@@ -248,6 +248,15 @@ def _check_arguments(model: PeftModel, adapters: list[str], weights: list[float]
             warnings.warn("density=1 keeps every entry: nothing is pruned.", stacklevel=3)
     if majority_sign_method not in SIGN_METHODS:
         raise ValueError(f"majority_sign_method must be one of {SIGN_METHODS}, got {majority_sign_method!r}.")
+    grouped = [name for name, layer in adapter_layers(model.get_base_model())
+               if isinstance(layer, LoraConv) and layer.base_layer.groups > 1
+               and any(adapter in layer.adapter_names for adapter in adapters)]
+    if grouped:
+        raise ValueError(
+            f"add_weighted_adapter cannot combine adapters on grouped convolutions ({grouped}): their B factor holds "
+            "one block per group, which none of the combination types handles. Train the adapters without those "
+            "layers in target_modules, or merge them into the weights with merge_adapter instead."
+        )
     shared = [
         name for name, wrapper in injection.wrappers(model.get_base_model())
         if sum(adapter in wrapper.modules_to_save for adapter in adapters) > 1
@@ -284,18 +293,39 @@ def _union(values: list, what: str):
     return sorted(set().union(*(v or [] for v in values))) or None
 
 
+def _covered_layers(configs: list[LoraConfig]) -> tuple[list[int] | int | None, list[str] | str | None]:
+    """(layers_to_transform, layers_pattern) that cover every adapter's layers: the union of their indices where
+    they all count layers the same way, else every layer."""
+    first = configs[0]
+    if all(c.layers_to_transform == first.layers_to_transform and c.layers_pattern == first.layers_pattern
+           for c in configs):
+        return first.layers_to_transform, first.layers_pattern
+    if any(c.layers_to_transform is None or c.layers_pattern != first.layers_pattern for c in configs):
+        return None, None
+    indices = [[c.layers_to_transform] if isinstance(c.layers_to_transform, int) else c.layers_to_transform
+               for c in configs]
+    return sorted(set().union(*indices)), first.layers_pattern
+
+
 def combined_config(configs: list[LoraConfig], rank: int) -> LoraConfig:
-    """The first adapter's config with rank `rank`, scaling 1, and the union of everyone's target modules.
+    """The first adapter's config with rank `rank`, scaling 1, and what covers every adapter's layers: the union of
+    their target modules and layers_to_transform, and exclude_modules only where all agree. (Modules that only the
+    union reaches get zero factors.)
 
     Unlike peft, use_rslora is turned off (peft keeps it, which scales the result by sqrt(rank)), init_lora_weights
-    is True when the first adapter's init rewrote the base weights, and modules_to_save is the union.
+    is True when the first adapter's init rewrote the base weights, modules_to_save is the union, and the layers
+    other adapters adapt outside the first one's layers_to_transform or exclude_modules are kept (peft drops them).
     """
     first = configs[0]
     init = True if mutates_base(first.init_lora_weights) else first.init_lora_weights
+    layers, pattern = _covered_layers(configs)
+    same_exclusions = all(c.exclude_modules == first.exclude_modules for c in configs)
     return dataclasses.replace(
         first, r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
         target_modules=_union([c.target_modules for c in configs], "target_modules"),
         modules_to_save=_union([c.modules_to_save for c in configs], "modules_to_save"),
+        layers_to_transform=layers, layers_pattern=pattern,
+        exclude_modules=first.exclude_modules if same_exclusions else None,
         init_lora_weights=init,
     )
 
