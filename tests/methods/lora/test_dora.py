@@ -53,6 +53,13 @@ def test_fresh_dora_adapter_is_an_exact_noop(kind):
 
 
 @pytest.mark.parametrize("kind", LAYER_NAMES)
+def test_parameters_come_in_peft_order(kind):
+    """An optimizer built on parameters() holds its state slot by slot: the same order moves it between libraries."""
+    ours, theirs = dora_pair(kind)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+
+
+@pytest.mark.parametrize("kind", LAYER_NAMES)
 def test_keys_names_and_shapes_match_peft(kind):
     ours, theirs = dora_pair(kind)
     ours_sd, peft_sd = deltatune.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)

@@ -175,8 +175,12 @@ class LoraEmbedding(LoraLayer):
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
+        # The magnitudes are registered again after the factors, so that parameters() lists them in peft's order:
+        # an optimizer's state then moves between the libraries slot by slot.
+        magnitude = self._modules.pop("lora_magnitude_vector")
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = magnitude
 
     def _create_factors(self, adapter_name: str, r: int) -> None:
         num, dim = self.base_layer.weight.shape
