@@ -44,6 +44,11 @@ LAYERS = {
         lambda g: torch.randn(2, 3, 8, 8, generator=g),
         LoraConv,
     ),
+    "conv3d": (
+        lambda: nn.Conv3d(2, 4, (2, 3, 3), stride=(1, 2, 2), padding=1),
+        lambda g: torch.randn(2, 2, 4, 6, 6, generator=g),
+        LoraConv,
+    ),
 }
 LAYER_NAMES = list(LAYERS)
 

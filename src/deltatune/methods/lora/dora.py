@@ -245,7 +245,7 @@ class DoraEmbedding(_Dora):
 
 
 class DoraConv(_Dora):
-    """nn.Conv1d / nn.Conv2d: the norm is per output channel; the magnitude is shaped (1, out, 1, ...) as in peft."""
+    """nn.Conv1d / Conv2d / Conv3d: the norm is per output channel; the magnitude is (1, out, 1, ...) as in peft."""
 
     def _norm_of(self, layer: LoraConv, adapter_name: str, weight: torch.Tensor,
                  factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

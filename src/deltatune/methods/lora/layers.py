@@ -1,4 +1,4 @@
-"""LoRA layers for Linear, GPT-2 Conv1D, Embedding, Conv1d and Conv2d base layers.
+"""LoRA layers for Linear, GPT-2 Conv1D, Embedding, Conv1d, Conv2d and Conv3d base layers.
 
 Parameter layout and names follow peft (lora_A / lora_B modules, lora_embedding_A / _B parameters, DoRA's
 lora_magnitude_vector), so state-dict keys map one to one onto peft's adapter files. Variants such as DoRA
@@ -215,11 +215,11 @@ class LoraEmbedding(LoraLayer):
 
 
 class LoraConv(LoraLayer):
-    """LoRA on nn.Conv1d / nn.Conv2d: A is a conv with the base's kernel, B a 1x1 conv."""
+    """LoRA on nn.Conv1d / Conv2d / Conv3d: A is a conv with the base's kernel, B a 1x1 conv."""
 
     dora_variant = DoraConv()
 
-    def __init__(self, base_layer: nn.Conv1d | nn.Conv2d) -> None:
+    def __init__(self, base_layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
         super().__init__(base_layer)
 
     def update_layer(self, adapter_name: str, r: int, alpha: float, dropout: float, init: bool | str,
@@ -288,7 +288,7 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
         layer = LoraLinear(target)
     elif isinstance(target, nn.Embedding):
         layer = LoraEmbedding(target)
-    elif isinstance(target, nn.Conv1d | nn.Conv2d):
+    elif isinstance(target, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         layer = LoraConv(target)
     else:
         return None
