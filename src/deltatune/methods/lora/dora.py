@@ -108,8 +108,9 @@ class _Dora(LoraVariant):
                  factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """||weight + s B A|| per output feature, detached (1-D; DoraConv shapes it like its magnitude)."""
         w2, p, q, dim = self.operands(layer, weight, *(factors or self.factors(layer, adapter_name)))
-        with torch.no_grad(), _autocast_off(w2):
-            return torch.linalg.vector_norm(_plus_low_rank(w2, p, q, layer.scaling[adapter_name]), dim=dim)
+        with _autocast_off(w2):  # detached operands rather than no_grad(): a microsecond less per layer and step
+            return torch.linalg.vector_norm(
+                _plus_low_rank(w2.detach(), p.detach(), q.detach(), layer.scaling[adapter_name]), dim=dim)
 
     def weight_norm(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
         """||W + s B A|| per output feature, detached, in the magnitude's shape; cached until W, A, B or s change."""
