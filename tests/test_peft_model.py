@@ -216,6 +216,22 @@ def test_set_adapter_inference_mode_and_set_requires_grad_train_what_peft_trains
     assert bool(names[0]) == (step in ("switch", "unfreeze_other"))
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+@pytest.mark.parametrize("step", [("default", False), ("other", True), ("other", False)])
+def test_set_requires_grad_leaves_trained_biases_alone_as_peft(bias, step):
+    """Biases trained under a bias option are the base model's (GPT-2 has them): only the adapter's own tensors
+    change, as in peft."""
+    names = []
+    for lib in (deltatune, peft):
+        model = lib.get_peft_model(tiny_gpt2(), lib.LoraConfig(r=4, target_modules=["c_attn"], bias=bias,
+                                                               fan_in_fan_out=True))
+        model.add_adapter("other", lib.LoraConfig(r=2, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
+        model.set_requires_grad(*step)
+        names.append(trainable_names(model))
+    assert names[0] == names[1]
+    assert any(name.endswith(".bias") for name in names[0])
+
+
 def test_set_requires_grad_names_unknown_adapters_and_changes_nothing():
     model = two_adapter_model(deltatune)
     before = trainable_names(model)

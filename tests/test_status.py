@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import peft
 import pytest
+import torch
 from conftest import tiny_llama
 
 import deltatune
@@ -100,6 +101,10 @@ def test_injected_model_without_wrapper():
         comparable(s) for s in peft.get_layer_status(theirs)]
     status = deltatune.get_model_status(ours)
     assert (status.adapter_model_type, status.peft_types, status.num_adapter_layers) == ("None", {}, 2)
+    assert status.base_model_type == "LlamaForCausalLM"
+    sequential = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    deltatune.inject_adapter_in_model(deltatune.LoraConfig(r=2, target_modules=["0"]), sequential)
+    assert deltatune.get_model_status(sequential).base_model_type == "other"  # peft's word for a plain module
     assert status.trainable_params == sum(p.numel() for p in ours.parameters() if p.requires_grad) > 0
 
 

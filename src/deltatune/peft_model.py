@@ -211,8 +211,9 @@ class PeftModel(nn.Module):
         for name in names:
             if name in self.prompt_encoder:
                 self.prompt_encoder[name].requires_grad_(requires_grad)
-            bias = getattr(self.peft_config[name], "bias", "none")
-            for param in adapter_parameter_map(self.get_base_model(), name, bias).values():
+            # the adapter's own tensors only: biases trained under bias="all" / "lora_only" belong to the base model
+            # (and to every adapter with that option), so they stay as they are, as in peft
+            for param in adapter_parameter_map(self.get_base_model(), name).values():
                 param.requires_grad_(requires_grad)
 
     def disable_adapter_layers(self) -> None:

@@ -6,7 +6,8 @@ folds the layers' into one value per field, "irregular" where the layers disagre
 peft's, so inspection code moves over unchanged; `module_type` is deltatune's class name ("LoraLinear" where peft
 says "lora.Linear") and `adapter_model_type` the wrapper's ("TunedModel" where peft names a tuner class). A layer
 lists only the active adapters it holds, so after `set_adapter` to an adapter that covers fewer layers than
-another, the model's active adapters read as that adapter, where peft says "irregular".
+another, the model's active adapters read as that adapter, where peft says "irregular". `quantization_backend`
+names the layer's backend ("bitsandbytes 4-bit nf4") where peft 0.21 reports None for bitsandbytes layers.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     # modules_to_save copies are never quantized: they do not make a quantized model's backend irregular
     backends = {layer.quantization_backend for layer in layers if layer.module_type != ModulesToSaveWrapper.__name__}
     return TunerModelStatus(
-        base_model_type=type(model.get_base_model() if isinstance(model, PeftModel) else model).__name__,
+        base_model_type=_base_model_type(model.get_base_model() if isinstance(model, PeftModel) else model),
         adapter_model_type=type(model.base_model).__name__ if isinstance(model, PeftModel) else "None",
         peft_types=peft_types,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -154,6 +155,13 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         devices={name: sorted({d for layer in layers for d in layer.devices.get(name, [])}) for name in adapters},
         quantization_backend=backends.pop() if len(backends) == 1 else ("irregular" if backends else None),
     )
+
+
+def _base_model_type(model: nn.Module) -> str:
+    """The transformers model class, or "other" for any other module, as peft says."""
+    from transformers import PreTrainedModel
+
+    return type(model).__name__ if isinstance(model, PreTrainedModel) else "other"
 
 
 def _irregular_or(values: Iterable[bool | Irregular | None]) -> bool | Irregular:

@@ -277,6 +277,7 @@ def test_new_adapter_config_targets_the_union_and_is_inactive():
 @pytest.mark.parametrize("limits", [
     {"a": {"layers_to_transform": [0]}, "b": {"layers_to_transform": [1]}},
     {"a": {"layers_to_transform": 0}, "b": {}},
+    {"a": {"layers_to_transform": []}, "b": {"layers_to_transform": [1]}},  # [] adapts every layer, as None
     {"a": {"exclude_modules": ["model.layers.1.self_attn.q_proj"]}, "b": {}},
 ])
 def test_combination_covers_every_adapters_layers(limits):

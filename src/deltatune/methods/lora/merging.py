@@ -300,8 +300,8 @@ def _covered_layers(configs: list[LoraConfig]) -> tuple[list[int] | int | None, 
     if all(c.layers_to_transform == first.layers_to_transform and c.layers_pattern == first.layers_pattern
            for c in configs):
         return first.layers_to_transform, first.layers_pattern
-    if any(c.layers_to_transform is None or c.layers_pattern != first.layers_pattern for c in configs):
-        return None, None
+    if any(c.layers_to_transform in (None, []) or c.layers_pattern != first.layers_pattern for c in configs):
+        return None, None  # an empty list adapts every layer too (injection.py)
     indices = [[c.layers_to_transform] if isinstance(c.layers_to_transform, int) else c.layers_to_transform
                for c in configs]
     return sorted(set().union(*indices)), first.layers_pattern
