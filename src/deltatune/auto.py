@@ -16,6 +16,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
+from deltatune.checkpoint import resolve_adapter_dir
 from deltatune.config import PeftConfig
 from deltatune.peft_model import (
     MODEL_TYPE_TO_PEFT_MODEL,
@@ -26,7 +27,6 @@ from deltatune.peft_model import (
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
-    resolve_adapter_dir,
 )
 
 # Libraries whose classes an adapter's auto_mapping may name (as peft's default import allowlist).

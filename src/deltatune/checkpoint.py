@@ -407,6 +407,32 @@ def save_adapter_folder(directory: str, tensors: dict[str, torch.Tensor], config
         os.remove(stale)
 
 
+def resolve_adapter_dir(model_id: str | os.PathLike, subfolder: str | None = None, revision: str | None = None
+                        ) -> str:
+    """A local adapter folder as is; otherwise a Hub id, fetched (respects HF_HUB_OFFLINE). `subfolder` names the
+    adapter's folder inside either."""
+    model_id = os.fspath(model_id)
+    if os.path.isdir(model_id):
+        root = model_id
+    else:
+        patterns = ["*.json", "*.safetensors", "*.bin"]
+        try:
+            from huggingface_hub import snapshot_download
+
+            root = snapshot_download(model_id, revision=revision, allow_patterns=[
+                f"{subfolder}/{p}" for p in patterns] if subfolder else patterns)
+        except Exception as err:
+            raise AdapterLoadError(
+                f"{model_id!r} is not a local folder and could not be fetched from the Hub ({err})."
+            ) from err
+    if not subfolder:
+        return root
+    directory = os.path.join(root, subfolder)
+    if not os.path.isdir(directory):
+        raise AdapterLoadError(f"{model_id!r} has no subfolder {subfolder!r}.")
+    return directory
+
+
 def load_adapter_weights(directory: str) -> tuple[dict[str, torch.Tensor], str]:
     """Read adapter_model.safetensors, or else adapter_model.bin without unpickling arbitrary objects."""
     path = os.path.join(directory, WEIGHTS_NAME)

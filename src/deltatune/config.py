@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any, ClassVar
 
+from deltatune.registry import get_method, known_methods
+
 CONFIG_NAME = "adapter_config.json"
 # The peft release whose file format deltatune writes; peft reads this key to gate format migrations.
 PEFT_FORMAT_VERSION = "0.21.2"
@@ -123,7 +125,7 @@ class PeftConfig:
         """Load `adapter_config.json` from a folder or a Hub id (as PeftModel.from_pretrained resolves it); on the
         base class the file's peft_type picks the config class."""
         if not os.path.isdir(directory):
-            from deltatune.peft_model import resolve_adapter_dir
+            from deltatune.checkpoint import resolve_adapter_dir
 
             directory, subfolder = resolve_adapter_dir(directory, subfolder=subfolder, revision=revision), None
         path = os.path.join(directory, subfolder or "", CONFIG_NAME)
@@ -141,8 +143,6 @@ class PeftConfig:
 
 
 def config_class_for(peft_type: str | None, source: str = "the config") -> type[PeftConfig]:
-    from deltatune.registry import get_method, known_methods
-
     if peft_type not in known_methods():
         raise ValueError(
             f"Unknown peft_type {peft_type!r} in {source}. deltatune knows: {sorted(known_methods())}."

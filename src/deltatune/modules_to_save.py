@@ -24,7 +24,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.tied_to: str | None = None
-        # {batch size: adapter name per row} while a mixed-adapter batch runs (methods/lora/mixed_batch.py)
+        # {batch size: adapter name per row} while a mixed-adapter batch runs (deltatune/mixed_batch.py)
         self.mixed_rows: dict[int, list[str]] | None = None
 
     def add_copy(self, adapter_name: str, shared_from: tuple[nn.Module, nn.Module] | None = None) -> None:

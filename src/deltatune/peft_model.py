@@ -20,19 +20,20 @@ from torch import nn
 from deltatune import injection, prompt_learning
 from deltatune.checkpoint import (
     MODEL_CARD_NAME,
-    AdapterLoadError,
     adapter_parameter_map,
     get_peft_model_state_dict,
     load_adapter_weights,
+    resolve_adapter_dir,
     save_adapter_folder,
     set_peft_model_state_dict,
 )
 from deltatune.config import CONFIG_NAME, PeftConfig
 from deltatune.layers import adapter_layers
-from deltatune.methods.lora.mixed_batch import batch_size_of, generation_expansion, mixed_adapter_rows
+from deltatune.mixed_batch import batch_size_of, generation_expansion, mixed_adapter_rows
 from deltatune.quantized import dequantize_model, parameter_count
 from deltatune.registry import Method, get_method
 from deltatune.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from deltatune.weighted_adapter import add_weighted_adapter
 
 
 class TunedModel(nn.Module):
@@ -294,8 +295,6 @@ class PeftModel(nn.Module):
                              combination_type: str = "svd", **kwargs: Any) -> None:
         """Add a LoRA adapter combining `adapters` with `weights` (peft's combination types and keyword
         arguments: svd_rank, svd_clamp, svd_full_matrices, svd_driver, density, majority_sign_method)."""
-        from deltatune.methods.lora.merging import add_weighted_adapter
-
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
 
     # --- parameters ----------------------------------------------------------------------------
@@ -495,32 +494,6 @@ class PeftModel(nn.Module):
         """Read an adapter's files into the adapter `adapter_name`, which must already exist."""
         state_dict, path = load_adapter_weights(directory)
         set_peft_model_state_dict(self, state_dict, adapter_name, source=path)
-
-
-def resolve_adapter_dir(model_id: str | os.PathLike, subfolder: str | None = None, revision: str | None = None
-                        ) -> str:
-    """A local adapter folder as is; otherwise a Hub id, fetched (respects HF_HUB_OFFLINE). `subfolder` names the
-    adapter's folder inside either."""
-    model_id = os.fspath(model_id)
-    if os.path.isdir(model_id):
-        root = model_id
-    else:
-        patterns = ["*.json", "*.safetensors", "*.bin"]
-        try:
-            from huggingface_hub import snapshot_download
-
-            root = snapshot_download(model_id, revision=revision, allow_patterns=[
-                f"{subfolder}/{p}" for p in patterns] if subfolder else patterns)
-        except Exception as err:
-            raise AdapterLoadError(
-                f"{model_id!r} is not a local folder and could not be fetched from the Hub ({err})."
-            ) from err
-    if not subfolder:
-        return root
-    directory = os.path.join(root, subfolder)
-    if not os.path.isdir(directory):
-        raise AdapterLoadError(f"{model_id!r} has no subfolder {subfolder!r}.")
-    return directory
 
 
 def _model_card(config: PeftConfig) -> str:

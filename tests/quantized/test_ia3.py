@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import deltatune
+from deltatune.methods.ia3.layers import QuantizedIA3Linear
 from deltatune.quantized import keep_differentiable
-from deltatune.quantized.layers import QuantizedIA3Linear
 
 from .conftest import QUANTIZATIONS, load, token_batch, train_losses
 

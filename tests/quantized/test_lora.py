@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import deltatune
+from deltatune.methods.lora.layers import QuantizedLoraLinear
 from deltatune.quantized import keep_differentiable
-from deltatune.quantized.layers import QuantizedLoraLinear
 
 from .conftest import QUANTIZATIONS, load, token_batch, train_losses
 

@@ -8,8 +8,8 @@ from torchao.quantization import Int8Tensor, Int8WeightOnlyConfig, NF4Tensor
 from transformers import AutoModelForCausalLM, TorchAoConfig
 
 import deltatune
+from deltatune.methods.lora.layers import QuantizedLoraLinear
 from deltatune.quantized import RequantizationWarning
-from deltatune.quantized.layers import QuantizedLoraLinear
 from deltatune.quantized.loading import quantize_nf4
 
 from .conftest import load, token_batch, train_losses

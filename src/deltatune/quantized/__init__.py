@@ -3,11 +3,12 @@
 Backends plug in through an ordered chain of small dispatch functions, one file per library, imported only
 when that library is: a module can only be quantized by a library that has been imported, so a model without
 quantized layers never pays for (or needs) bitsandbytes or torchao. Each backend describes its layers to the
-rest of deltatune through `QuantizedBackend`: shape, dequantize, requantize. The adapter layers built on that
-(`deltatune.quantized.layers`) compute the base output with the quantized module itself and add the adapter
-path in the adapter's own dtype; the plain LoRA forward is not touched.
+rest of deltatune through `QuantizedBackend`: shape, dequantize, requantize. `deltatune.quantized.layers` builds
+merging on that for any method's layer; the methods' quantized layers live in their folders (they call
+`backend_for` to tell a quantized linear layer from a plain one).
 
-Nothing here imports bitsandbytes, torchao or the method folders at import time.
+Nothing here imports bitsandbytes or torchao at import time, and nothing in this package knows a method or the
+model wrapper.
 """
 
 from __future__ import annotations
@@ -115,27 +116,6 @@ def parameter_count(model: nn.Module) -> int:
     return sum(logical.get(id(p), p.numel()) for p in model.parameters())
 
 
-# --- the hooks the method folders call -------------------------------------------------------------------
-def quantized_lora_layer(target: nn.Module) -> nn.Module | None:
-    """A LoRA layer around a quantized linear layer, or None when `target` is not quantized."""
-    backend = backend_for(target)
-    if backend is None:
-        return None
-    from deltatune.quantized.layers import QuantizedLoraLinear
-
-    return QuantizedLoraLinear(target, backend)
-
-
-def quantized_ia3_layer(target: nn.Module) -> nn.Module | None:
-    """An IA3 layer around a quantized linear layer, or None when `target` is not quantized."""
-    backend = backend_for(target)
-    if backend is None:
-        return None
-    from deltatune.quantized.layers import QuantizedIA3Linear
-
-    return QuantizedIA3Linear(target, backend)
-
-
 # --- merging ----------------------------------------------------------------------------------------------
 def warn_requantization(model: nn.Module, action: str = "merging") -> None:
     """One warning for every quantized layer that `action` just re-quantized, with the measured rounding error.
@@ -232,7 +212,5 @@ __all__ = [
     "backend_for",
     "dequantize_model",
     "parameter_count",
-    "quantized_ia3_layer",
-    "quantized_lora_layer",
     "warn_requantization",
 ]

@@ -1,11 +1,12 @@
-"""LoRA and IA3 layers on quantized linear layers, for any backend of `deltatune.quantized`.
+"""What an adapter layer on a quantized linear layer needs, for any backend of `deltatune.quantized` and any method.
 
-The forward is the plain method's forward: the quantized module computes the base output, the adapter adds
-its path in its own dtype (float32 beside a quantized base). What differs is how a layer learns its shape (a
-packed weight does not tell it) and merging: the weight is dequantized, the adapter merged exactly in float32,
-and the result re-quantized; the layer records how far rounding moved the weight from the exact merged one
+A method's quantized layer (LoRA's and IA3's, in their own folders) mixes `QuantizedLayer` in before its linear
+layer class. The forward stays the method's: the quantized module computes the base output, the adapter adds its
+path in its own dtype (float32 beside a quantized base). What differs is how a layer learns its shape (a packed
+weight does not tell it) and merging: the weight is dequantized, the adapter merged exactly in float32, and the
+result re-quantized; the layer records how far rounding moved the weight from the exact merged one
 (`requantization_error`), which the model-level merge reports in one warning. Unmerging puts the original
-quantized weight back, so it is exact.
+quantized weight back, so it is exact. Nothing here knows a method.
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltatune.methods.ia3.layers import IA3Layer, IA3Linear
-from deltatune.methods.lora.init import mutates_base
-from deltatune.methods.lora.layers import LoraLayer, LoraLinear
 from deltatune.quantized import QuantizedBackend, dense_linear
 
 
@@ -100,40 +98,3 @@ class QuantizedLayer:
         self.backend = None
         if merged:
             self.merge(merged)
-
-
-class QuantizedLoraLinear(QuantizedLayer, LoraLinear):
-    def __init__(self, base_layer: nn.Module, backend: type[QuantizedBackend]) -> None:
-        LoraLayer.__init__(self, base_layer)  # not LoraLinear's: it reads the shape off the (packed) weight
-        self._init_quantized(base_layer, backend)
-
-    def update_layer(self, adapter_name: str, *args, **kwargs) -> None:
-        use_dora, init = kwargs.get("use_dora", False), kwargs.get("init", True)
-        what = "DoRA (use_dora=True)" if use_dora else f"init_lora_weights={init!r}" if mutates_base(init) else None
-        if what is not None and self.backend is not None:
-            raise ValueError(
-                f"{what} reads and rewrites the base weight, which deltatune does not support on a "
-                f"{self.backend.describe(self.base_layer)} layer yet. Drop that option, or load the base model "
-                "without quantization."
-            )
-        super().update_layer(adapter_name, *args, **kwargs)
-
-    def _merge_into(self, names: list[str], weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        for name in names:
-            weight = self.merged_weight(name, weight)
-        return weight, None
-
-
-class QuantizedIA3Linear(QuantizedLayer, IA3Linear):
-    def __init__(self, base_layer: nn.Module, backend: type[QuantizedBackend]) -> None:
-        IA3Layer.__init__(self, base_layer)  # not IA3Linear's: it reads the shape off the (packed) weight
-        self._init_quantized(base_layer, backend)
-
-    def _merge_into(self, names: list[str], weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        base_bias = getattr(self.base_layer, "bias", None)
-        bias = None if base_bias is None else base_bias.detach().float()
-        for name in names:
-            weight = weight * self._weight_scale(name).float()
-            if bias is not None and not self.is_feedforward[name]:
-                bias = bias * self.ia3_l[name].detach().flatten().float()
-        return weight, bias

@@ -9,7 +9,7 @@ from conftest import tiny_bert, tiny_llama, tiny_t5
 from transformers import ViTConfig, ViTForImageClassification
 
 import deltatune
-from deltatune.methods.lora.mixed_batch import BASE
+from deltatune.mixed_batch import BASE
 
 ADAPTERS = {"a": dict(r=4, lora_alpha=8), "b": dict(r=8, lora_alpha=4), "c": dict(r=2, lora_alpha=2)}
 

@@ -15,7 +15,8 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.layers import AdapterLayer, adapter_dtype, check_fan_in_fan_out
 from deltatune.methods.ia3.config import IA3Config
-from deltatune.quantized import quantized_ia3_layer
+from deltatune.quantized import QuantizedBackend, backend_for
+from deltatune.quantized.layers import QuantizedLayer
 
 
 class IA3Layer(AdapterLayer):
@@ -161,6 +162,23 @@ class IA3Conv(IA3Layer):
         return grouped.reshape(base.out_channels, in_per_group, *vector.shape[2:])
 
 
+class QuantizedIA3Linear(QuantizedLayer, IA3Linear):
+    """IA3 on a quantized linear layer: merging scales the dequantized weight and re-quantizes it."""
+
+    def __init__(self, base_layer: nn.Module, backend: type[QuantizedBackend]) -> None:
+        IA3Layer.__init__(self, base_layer)  # not IA3Linear's: it reads the shape off the (packed) weight
+        self._init_quantized(base_layer, backend)
+
+    def _merge_into(self, names: list[str], weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        base_bias = getattr(self.base_layer, "bias", None)
+        bias = None if base_bias is None else base_bias.detach().float()
+        for name in names:
+            weight = weight * self._weight_scale(name).float()
+            if bias is not None and not self.is_feedforward[name]:
+                bias = bias * self.ia3_l[name].detach().flatten().float()
+        return weight, bias
+
+
 def is_feedforward(feedforward_modules: list[str] | str | None, module_name: str) -> bool:
     """peft's rule, kept exactly so both libraries give a layer the same vector shape: a regex is fully
     matched against the module's name; list entries match by plain string suffix."""
@@ -173,8 +191,8 @@ def create_ia3_layer(target: nn.Module, adapter_name: str, config: IA3Config, mo
     """Wrap `target` (or add an adapter to an existing IA3 layer); None if the module type is unsupported."""
     if isinstance(target, IA3Layer):
         layer = target
-    elif (quantized := quantized_ia3_layer(target)) is not None:  # before nn.Linear: quantized layers subclass it
-        layer = quantized
+    elif (backend := backend_for(target)) is not None:  # before nn.Linear: quantized layers subclass it
+        layer = QuantizedIA3Linear(target, backend)
     elif isinstance(target, nn.Linear | Conv1D):
         check_fan_in_fan_out(target, config.fan_in_fan_out, module_name)
         layer = IA3Linear(target)

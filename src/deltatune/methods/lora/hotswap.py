@@ -29,6 +29,7 @@ from deltatune.checkpoint import (
     base_model_of,
     load_adapter_weights,
     loadable_embedding_weights,
+    resolve_adapter_dir,
 )
 from deltatune.config import PeftConfig
 from deltatune.layers import adapter_layers
@@ -113,8 +114,6 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike, ada
     adapter must target the same modules or a subset (layers it leaves out are zeroed), with a rank no larger than
     the loaded (or padded) one. `torch_device` is accepted as in peft; the weights always go to the device of the
     parameters they replace."""
-    from deltatune.peft_model import resolve_adapter_dir
-
     if adapter_name not in model.peft_config:
         raise ValueError(
             f"No adapter named {adapter_name!r} to hot-swap. Loaded adapters: {sorted(model.peft_config)}."

@@ -19,6 +19,10 @@ import warnings
 import torch
 from torch import nn
 
+from deltatune.checkpoint import load_adapter_weights
+from deltatune.injection import is_target, resolve_targets
+from deltatune.registry import get_method
+
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 WEIGHT_INIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -74,9 +78,6 @@ def refuse_tied_targets(model: nn.Module, config):
     tied to it (an input embedding tied to lm_head) and change the model's function. peft does so silently."""
     if not mutates_base(getattr(config, "init_lora_weights", None)):
         return config
-    from deltatune.injection import is_target, resolve_targets
-    from deltatune.registry import get_method
-
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules():
         for param in module.parameters(recurse=False):
@@ -194,8 +195,7 @@ def convert_to_plain_lora(tensors: dict[str, torch.Tensor], config, initial_dir:
 
     Unlike peft, the initial folder is only read: peft also overwrites its adapter_config.json.
     """
-    from deltatune.checkpoint import load_adapter_weights
-    from deltatune.methods.lora.config import LoraConfig
+    from deltatune.methods.lora.config import LoraConfig  # its module imports this one
 
     if not isinstance(config, LoraConfig):
         raise ValueError(

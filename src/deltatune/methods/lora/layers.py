@@ -2,7 +2,8 @@
 
 Parameter layout and names follow peft (lora_A / lora_B modules, lora_embedding_A / _B parameters, DoRA's
 lora_magnitude_vector), so state-dict keys map one to one onto peft's adapter files. Variants such as DoRA
-live in their own files and are looked up per adapter in `lora_variant`.
+live in their own files and are looked up per adapter in `lora_variant`. `QuantizedLoraLinear` is the Linear
+layer on a bitsandbytes / torchao base (merging through `deltatune.quantized.layers`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from deltatune.methods.lora.config import LoraConfig
 from deltatune.methods.lora.dora import DoraConv, DoraEmbedding, DoraLinear, LoraVariant
 from deltatune.methods.lora.init import init_from_base_weight, mutates_base
 from deltatune.methods.lora.mixed_batch import mixed_forward
-from deltatune.quantized import quantized_lora_layer
+from deltatune.quantized import QuantizedBackend, backend_for
+from deltatune.quantized.layers import QuantizedLayer
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -269,6 +271,30 @@ class LoraConv(LoraLayer):
         return result.to(dtype)
 
 
+class QuantizedLoraLinear(QuantizedLayer, LoraLinear):
+    """LoRA on a quantized linear layer (bitsandbytes, torchao): merging goes through dequantize / requantize."""
+
+    def __init__(self, base_layer: nn.Module, backend: type[QuantizedBackend]) -> None:
+        LoraLayer.__init__(self, base_layer)  # not LoraLinear's: it reads the shape off the (packed) weight
+        self._init_quantized(base_layer, backend)
+
+    def update_layer(self, adapter_name: str, *args, **kwargs) -> None:
+        use_dora, init = kwargs.get("use_dora", False), kwargs.get("init", True)
+        what = "DoRA (use_dora=True)" if use_dora else f"init_lora_weights={init!r}" if mutates_base(init) else None
+        if what is not None and self.backend is not None:
+            raise ValueError(
+                f"{what} reads and rewrites the base weight, which deltatune does not support on a "
+                f"{self.backend.describe(self.base_layer)} layer yet. Drop that option, or load the base model "
+                "without quantization."
+            )
+        super().update_layer(adapter_name, *args, **kwargs)
+
+    def _merge_into(self, names: list[str], weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for name in names:
+            weight = self.merged_weight(name, weight)
+        return weight, None
+
+
 def pattern_value(patterns: dict, module_name: str, default):
     """peft's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name."""
     for key, value in patterns.items():
@@ -281,8 +307,8 @@ def create_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, 
     """Wrap `target` (or add an adapter to an existing LoRA layer); None if the module type is unsupported."""
     if isinstance(target, LoraLayer):
         layer = target
-    elif (quantized := quantized_lora_layer(target)) is not None:  # before nn.Linear: quantized layers subclass it
-        layer = quantized
+    elif (backend := backend_for(target)) is not None:  # before nn.Linear: quantized layers subclass it
+        layer = QuantizedLoraLinear(target, backend)
     elif isinstance(target, nn.Linear | Conv1D):
         check_fan_in_fan_out(target, config.fan_in_fan_out, module_name)
         layer = LoraLinear(target)

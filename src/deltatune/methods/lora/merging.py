@@ -1,8 +1,9 @@
 """Combining LoRA adapters into a new one (peft's add_weighted_adapter).
 
-Two layers: pure functions over tensors (task arithmetic, TIES, DARE, magnitude pruning, and the LoRA-specific
-ways of applying them to factors), and `add_weighted_adapter`, which adds the new adapter to a PeftModel and fills
-each layer with them.
+Pure functions over tensors (task arithmetic, TIES, DARE, magnitude pruning, and the LoRA-specific ways of
+applying them to factors), the combined adapter's config, and `fill_combined`, which writes one layer's combined
+factors. `deltatune.weighted_adapter` (PeftModel.add_weighted_adapter) checks the request, adds the new adapter
+to the model and fills each layer with this.
 
 Combination types, as peft defines them:
 - "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune" combine the A factors and the B factors
@@ -21,20 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from deltatune import injection
-from deltatune.layers import adapter_layers
 from deltatune.methods.lora.config import LoraConfig
 from deltatune.methods.lora.init import mutates_base
-from deltatune.methods.lora.layers import LoraConv, LoraEmbedding, LoraLayer
-
-if TYPE_CHECKING:
-    from deltatune.peft_model import PeftModel
+from deltatune.methods.lora.layers import LoraEmbedding, LoraLayer
 
 FACTOR_WISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -212,75 +206,8 @@ def _factors(layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.T
     return a[:r], b[:, :r]
 
 
-def _max_rank(config: LoraConfig) -> int:
+def max_rank(config: LoraConfig) -> int:
     return max([config.r, *config.rank_pattern.values()])
-
-
-def _check_arguments(model: PeftModel, adapters: list[str], weights: list[float], adapter_name: str,
-                     combination_type: str, density: float | None, majority_sign_method: str) -> list[LoraConfig]:
-    if not adapters or len(adapters) != len(weights):
-        raise ValueError(
-            f"add_weighted_adapter needs one weight per adapter; got {len(adapters)} adapter(s) and "
-            f"{len(weights)} weight(s)."
-        )
-    if adapter_name in model.peft_config:
-        raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name for the new adapter.")
-    unknown = [name for name in adapters if name not in model.peft_config]
-    if unknown:
-        raise ValueError(f"No adapter named {unknown[0]!r}. Loaded adapters: {sorted(model.peft_config)}.")
-    if combination_type not in COMBINATION_TYPES:
-        raise ValueError(f"Unknown combination_type {combination_type!r}; choose one of {list(COMBINATION_TYPES)}.")
-    configs = [model.peft_config[name] for name in adapters]
-    for name, config in zip(adapters, configs, strict=True):
-        if not isinstance(config, LoraConfig):
-            raise ValueError(
-                f"add_weighted_adapter combines LoRA adapters, but {name!r} is a {config.peft_type} adapter."
-            )
-        if getattr(config, "use_dora", False):
-            raise ValueError(f"add_weighted_adapter does not support DoRA adapters ({name!r} uses DoRA).")
-    if combination_type.removesuffix("_svd") in NEEDS_DENSITY and len(adapters) > 1:
-        if density is None or not 0 < density <= 1:
-            raise ValueError(
-                f"combination_type={combination_type!r} prunes each adapter: pass density, the fraction of entries "
-                f"to keep, above 0 and at most 1 (got {density!r})."
-            )
-        if density == 1:
-            warnings.warn("density=1 keeps every entry: nothing is pruned.", stacklevel=3)
-    if majority_sign_method not in SIGN_METHODS:
-        raise ValueError(f"majority_sign_method must be one of {SIGN_METHODS}, got {majority_sign_method!r}.")
-    grouped = [name for name, layer in adapter_layers(model.get_base_model())
-               if isinstance(layer, LoraConv) and layer.base_layer.groups > 1
-               and any(adapter in layer.adapter_names for adapter in adapters)]
-    if grouped:
-        raise ValueError(
-            f"add_weighted_adapter cannot combine adapters on grouped convolutions ({grouped}): their B factor holds "
-            "one block per group, which none of the combination types handles. Train the adapters without those "
-            "layers in target_modules, or merge them into the weights with merge_adapter instead."
-        )
-    shared = [
-        name for name, wrapper in injection.wrappers(model.get_base_model())
-        if sum(adapter in wrapper.modules_to_save for adapter in adapters) > 1
-    ]
-    if shared:
-        raise ValueError(
-            f"Several of the adapters have their own copy of {shared} (modules_to_save), and such copies cannot be "
-            "combined. Combine adapters of which at most one trains each of these modules."
-        )
-    return configs
-
-
-def _new_rank(combination: str, configs: list[LoraConfig], svd_rank: int | None) -> int:
-    ranks = [_max_rank(config) for config in configs]
-    if combination in FACTOR_WISE:
-        if len(set(ranks)) > 1:
-            raise ValueError(
-                f"combination_type={combination!r} needs adapters of the same rank; these have ranks {ranks}. "
-                "Use 'cat' (rank = sum of ranks) or 'svd' (rank = svd_rank) to combine adapters of different ranks."
-            )
-        return ranks[0]
-    if combination == "cat":
-        return sum(ranks)
-    return svd_rank or max(ranks)
 
 
 def _union(values: list, what: str):
@@ -330,83 +257,36 @@ def combined_config(configs: list[LoraConfig], rank: int) -> LoraConfig:
     )
 
 
-def add_weighted_adapter(
-    model: PeftModel,
-    adapters: list[str],
-    weights: list[float],
-    adapter_name: str,
-    combination_type: str = "svd",
-    svd_rank: int | None = None,
-    svd_clamp: float | None = None,
-    svd_full_matrices: bool = True,
-    svd_driver: str | None = None,
-    density: float | None = None,
-    majority_sign_method: str = "total",
-) -> None:
-    """Add `adapter_name`, a weighted combination of LoRA `adapters` (see the module docstring); it is not
-    activated. A modules_to_save copy held by one of the adapters is copied into the new adapter.
-    """
-    adapters, weights = list(adapters), [float(w) for w in weights]
-    if svd_clamp is not None and not 0 <= svd_clamp <= 1:
-        raise ValueError(f"svd_clamp is a quantile of the factors' entries, between 0 and 1; got {svd_clamp!r}.")
-    configs = _check_arguments(model, adapters, weights, adapter_name, combination_type, density,
-                               majority_sign_method)
-    combination = "linear" if len(adapters) == 1 else combination_type
-    rank = _new_rank(combination, configs, svd_rank)
-    config = combined_config(configs, rank)
-    # After a first adapter initialised from the base (PiSSA, OLoRA), inject with init False: it leaves the base
-    # alone and draws what peft's injection draws, which keeps DARE's masks in step with peft.
-    from_base = mutates_base(configs[0].init_lora_weights)
-    model.add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=False) if from_base else config)
-    model.peft_config[adapter_name].init_lora_weights = config.init_lora_weights
-    try:
-        _fill_layers(model, adapters, weights, adapter_name, combination, rank, density, majority_sign_method,
-                     svd_clamp, svd_full_matrices, svd_driver)
-        _copy_modules_to_save(model, adapters, adapter_name)
-    except Exception:
-        model.delete_adapter(adapter_name)
-        raise
-
-
-def _fill_layers(model: PeftModel, adapters: list[str], weights: list[float], adapter_name: str, combination: str,
-                 rank: int, density: float | None, majority_sign_method: str, clamp: float | None,
-                 full_matrices: bool, driver: str | None) -> None:
-    for _, layer in adapter_layers(model.get_base_model()):
-        if not isinstance(layer, LoraLayer) or adapter_name not in layer.adapter_names:
-            continue
-        target_a, target_b = _factors(layer, adapter_name)
-        present = [(name, w) for name, w in zip(adapters, weights, strict=True) if name in layer.adapter_names]
-        with torch.no_grad():
-            if not present:  # a module only the new config targets: leave it a no-op
-                target_a.zero_()
-                target_b.zero_()
-                continue
-            factors_a, factors_b = zip(*(_factors(layer, name) for name, _ in present), strict=True)
-            factors_a = [f.detach() for f in factors_a]
-            factors_b = [f.detach() for f in factors_b]
-            if combination not in ("cat", *SVD_TYPES):
-                # An adapter hot-swapped for one that leaves this layer out has rank 0 here; as in peft, it takes
-                # part as zero factors of its configured rank.
-                factors_a = [a if a.shape[0] else a.new_zeros(rank, a.shape[1]) for a in factors_a]
-                factors_b = [b if b.shape[1] else b.new_zeros(b.shape[0], rank) for b in factors_b]
-            ws = [w for _, w in present]
-            scalings = [layer.scaling[name] for name, _ in present]
-            if combination == "cat":
-                a, b = concatenate_factors(factors_a, factors_b, ws, scalings, rank)
-            elif combination in SVD_TYPES:
-                deltas = [layer.delta_weight(name).detach() for name, _ in present]
-                transposed = isinstance(layer, LoraEmbedding) or getattr(layer, "fan_in_fan_out", False)
-                a, b = combine_svd(combination, deltas, ws, rank, target_a.shape, target_b.shape, transposed,
-                                   density, majority_sign_method, clamp, full_matrices, driver)
-            else:
-                a, b = combine_factor_wise(combination, factors_a, factors_b, ws, scalings, rank, density,
-                                           majority_sign_method)
-            target_a.copy_(a)
-            target_b.copy_(b)
-
-
-def _copy_modules_to_save(model: PeftModel, adapters: list[str], adapter_name: str) -> None:
-    for _, wrapper in injection.wrappers(model.get_base_model()):
-        owners = [name for name in adapters if name in wrapper.modules_to_save]
-        if owners and adapter_name in wrapper.modules_to_save:
-            wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[owners[0]].state_dict())
+def fill_combined(layer: LoraLayer, adapters: list[str], weights: list[float], adapter_name: str, combination: str,
+                  rank: int, density: float | None, majority_sign_method: str, clamp: float | None,
+                  full_matrices: bool, driver: str | None) -> None:
+    """Write into the layer's adapter `adapter_name` the combination of those of `adapters` it holds."""
+    target_a, target_b = _factors(layer, adapter_name)
+    present = [(name, w) for name, w in zip(adapters, weights, strict=True) if name in layer.adapter_names]
+    with torch.no_grad():
+        if not present:  # a module only the new config targets: leave it a no-op
+            target_a.zero_()
+            target_b.zero_()
+            return
+        factors_a, factors_b = zip(*(_factors(layer, name) for name, _ in present), strict=True)
+        factors_a = [f.detach() for f in factors_a]
+        factors_b = [f.detach() for f in factors_b]
+        if combination not in ("cat", *SVD_TYPES):
+            # An adapter hot-swapped for one that leaves this layer out has rank 0 here; as in peft, it takes
+            # part as zero factors of its configured rank.
+            factors_a = [a if a.shape[0] else a.new_zeros(rank, a.shape[1]) for a in factors_a]
+            factors_b = [b if b.shape[1] else b.new_zeros(b.shape[0], rank) for b in factors_b]
+        ws = [w for _, w in present]
+        scalings = [layer.scaling[name] for name, _ in present]
+        if combination == "cat":
+            a, b = concatenate_factors(factors_a, factors_b, ws, scalings, rank)
+        elif combination in SVD_TYPES:
+            deltas = [layer.delta_weight(name).detach() for name, _ in present]
+            transposed = isinstance(layer, LoraEmbedding) or getattr(layer, "fan_in_fan_out", False)
+            a, b = combine_svd(combination, deltas, ws, rank, target_a.shape, target_b.shape, transposed,
+                               density, majority_sign_method, clamp, full_matrices, driver)
+        else:
+            a, b = combine_factor_wise(combination, factors_a, factors_b, ws, scalings, rank, density,
+                                       majority_sign_method)
+        target_a.copy_(a)
+        target_b.copy_(b)
