@@ -44,7 +44,8 @@ def test_state_dict_keys_have_no_adapter_name_and_load_under_any_name():
     model.set_adapter("other")
     other = logits(model, inputs_for("llama"))
     model.set_adapter("default")
-    assert torch.equal(other, logits(model, inputs_for("llama")))
+    # The same values in other tensors (each adapter its own): last bits only; a wrong load would move them by > 1e-3.
+    torch.testing.assert_close(other, logits(model, inputs_for("llama")), rtol=1.3e-6, atol=1e-6)
 
 
 def test_save_then_load_gives_same_outputs_and_inference_mode(tmp_path):

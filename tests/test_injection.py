@@ -132,7 +132,8 @@ def test_inject_adapter_in_model_on_a_custom_module():
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
         "proj.lora_A.default.weight", "proj.lora_B.default.weight"
     ]
-    assert torch.equal(model(x), expected)
+    # B = 0: exact zeros, but added inside an addmm over the base output, which a CPU may round differently.
+    torch.testing.assert_close(model(x), expected, rtol=1.3e-6, atol=1e-6)
     assert sorted(deltatune.get_peft_model_state_dict(model)) == ["proj.lora_A.weight", "proj.lora_B.weight"]
 
 

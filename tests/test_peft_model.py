@@ -65,8 +65,11 @@ def test_unload_gives_back_the_exact_base_model(arch):
     model = peft_model(arch)
     base = model.unload()
     assert not any(isinstance(m, AdapterLayer | ModulesToSaveWrapper) for m in base.modules())
-    assert torch.equal(logits(base, inputs_for(arch)), base_logits(arch))
-    assert sorted(base.state_dict()) == sorted(ARCHS[arch][0]().state_dict())
+    # Its tensors are the base's, bit for bit; the logits are compared with a separately built model: last bits only.
+    torch.testing.assert_close(logits(base, inputs_for(arch)), base_logits(arch), rtol=1.3e-6, atol=1e-6)
+    fresh = ARCHS[arch][0]().state_dict()
+    assert sorted(base.state_dict()) == sorted(fresh)
+    assert all(torch.equal(value, fresh[key]) for key, value in base.state_dict().items())
 
 
 @pytest.mark.parametrize("merged", [False, True])
@@ -80,8 +83,8 @@ def test_disable_adapter_runs_the_base_model(arch, merged):
     with model.disable_adapter():
         disabled = logits(model, inputs)
     assert max_diff(disabled, base_logits(arch)) < TOL
-    if not merged:
-        assert torch.equal(disabled, base_logits(arch))
+    if not merged:  # the base layers alone; base_logits comes from a separately built model: last bits only
+        torch.testing.assert_close(disabled, base_logits(arch), rtol=1.3e-6, atol=1e-6)
     assert max_diff(logits(model, inputs), expected) < TOL  # back on (and merged again) afterwards
     assert all(layer.merged == merged for _, layer in deltatune.layers.adapter_layers(model))
 
@@ -409,7 +412,9 @@ def test_deleting_a_merged_adapter_is_refused_until_unmerged():
 def test_fresh_adapter_leaves_every_model_unchanged(arch, init):
     config = deltatune.LoraConfig(**lora_kwargs(arch, init_lora_weights=init))
     model = deltatune.get_peft_model(ARCHS[arch][0](), config).eval()
-    assert torch.equal(logits(model, inputs_for(arch)), base_logits(arch))
+    # B = 0 adds exact zeros, but inside an addmm (other kernels than the base's), and base_logits comes from a
+    # separately built model: last bits only, far below any adapter's effect.
+    torch.testing.assert_close(logits(model, inputs_for(arch)), base_logits(arch), rtol=1.3e-6, atol=1e-6)
 
 
 def test_adapter_name_clashing_with_a_module_attribute_is_refused():

@@ -44,7 +44,9 @@ def test_ia3_equals_peft_and_moves_to_the_full_precision_base(tiny_llama_dir, tm
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(load(tiny_llama_dir, quantize), tmp_path).eval()
     keep_differentiable(theirs)  # the same kernel as deltatune: no CPU repacking (see quantized/bnb.py)
-    assert torch.equal(logits(ours), logits(theirs))
+    # The same quantized kernels, but each library scales with its own float32 ops: last bits only, which
+    # half-precision activations in bitsandbytes' CPU kernels may grow; far below the vectors' effect (0.04).
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=0, atol=1e-4)
     full = deltatune.PeftModel.from_pretrained(load(tiny_llama_dir), tmp_path).eval()
     # Measured: 0.0059 (8-bit) and 0.067 (nf4), what quantizing the base alone costs (see test_lora.py).
     assert (logits(full) - logits(ours)).abs().max() < {"8bit": 0.02, "nf4": 0.2}[quantize]

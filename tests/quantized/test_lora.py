@@ -61,7 +61,10 @@ def test_save_and_reload_on_the_quantized_base_is_identical(tiny_llama_dir, tmp_
     model = perturbed_lora(tiny_llama_dir, quantize)
     model.save_pretrained(tmp_path)
     reloaded = deltatune.PeftModel.from_pretrained(load(tiny_llama_dir, quantize), tmp_path).eval()
-    assert torch.equal(logits(reloaded), logits(model))
+    # Another model object, which may run other kernels; bitsandbytes' CPU kernels may round activations to half
+    # precision, where a last-bit difference can grow. 1e-4 stays far below the adapter's effect (0.90) and
+    # quantization's (0.0055).
+    torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("quantize", QUANTIZATIONS)
@@ -75,7 +78,7 @@ def test_adapters_move_between_quantized_and_full_precision_bases(tiny_llama_dir
     # ... and back: the full-precision model's file (same keys) on a fresh quantized base.
     full.save_pretrained(tmp_path / "from-full")
     again = deltatune.PeftModel.from_pretrained(load(tiny_llama_dir, quantize), tmp_path / "from-full").eval()
-    assert torch.equal(logits(again), logits(quantized))
+    torch.testing.assert_close(logits(again), logits(quantized), rtol=0, atol=1e-4)  # as in the test above
 
 
 @pytest.mark.parametrize("quantize", [*QUANTIZATIONS, "fp4"])
@@ -84,13 +87,15 @@ def test_equal_outputs_to_peft_on_the_same_quantized_base(tiny_llama_dir, tmp_pa
     ours.save_pretrained(tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(load(tiny_llama_dir, quantize), tmp_path / "ours").eval()
     keep_differentiable(theirs)  # the same kernel as deltatune: no CPU repacking (see quantized/bnb.py)
-    assert torch.equal(logits(ours), logits(theirs))
+    # The same quantized kernels, but each library adds the adapter with its own float32 ops: last bits only,
+    # which half-precision activations in bitsandbytes' CPU kernels may grow (see the reload test above).
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=0, atol=1e-4)
 
     theirs.save_pretrained(tmp_path / "theirs")
     ours_again = deltatune.PeftModel.from_pretrained(load(tiny_llama_dir, quantize), tmp_path / "theirs").eval()
     theirs_again = peft.PeftModel.from_pretrained(load(tiny_llama_dir, quantize), tmp_path / "theirs").eval()
     keep_differentiable(theirs_again)
-    assert torch.equal(logits(ours_again), logits(theirs_again))
+    torch.testing.assert_close(logits(ours_again), logits(theirs_again), rtol=0, atol=1e-4)
 
 
 def test_trainable_parameter_count_matches_peft(tiny_llama_dir):

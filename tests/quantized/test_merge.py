@@ -96,7 +96,8 @@ def test_merge_and_unload_dequantize_writes_a_full_precision_model(tiny_llama_di
 
     merged.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert torch.equal(logits(reloaded), logits(merged))
+    # A float32 model with the same weights, but another object that may run other kernels: last bits only.
+    torch.testing.assert_close(logits(reloaded), logits(merged), rtol=1.3e-6, atol=1e-6)
 
 
 def test_dequantize_also_covers_layers_without_adapters(tiny_llama_dir):

@@ -57,7 +57,9 @@ def test_lora_trains_saves_and_moves_to_full_precision(tiny_llama_dir, tmp_path,
 
     model.eval().save_pretrained(tmp_path)
     reloaded = deltatune.PeftModel.from_pretrained(load_torchao(tiny_llama_dir, kind), tmp_path).eval()
-    assert torch.equal(logits(reloaded), logits(model))
+    # Another model object, which may run other kernels (torchao's may compute in lower precision): far below
+    # the trained adapter's effect (about 1).
+    torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])

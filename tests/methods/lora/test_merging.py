@@ -48,7 +48,9 @@ def test_pure_combination_equals_peft_under_the_same_seed(name):
     torch.manual_seed(3)
     expected = theirs(tensors, weights, **extra)
     torch.manual_seed(3)
-    assert max_diff(ours(tensors, weights, **extra), expected) == 0
+    # Another library's code (its own order of operations): last bits only. A different pruning mask or sign
+    # election would move whole entries.
+    torch.testing.assert_close(ours(tensors, weights, **extra), expected, rtol=1.3e-6, atol=1e-6)
 
 
 def test_magnitude_pruning_keeps_the_largest_entries():
