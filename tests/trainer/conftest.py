@@ -86,7 +86,7 @@ def adapter_tensors(folder: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(folder, "adapter_model.safetensors"))
 
 
-def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *, rtol: float, atol: float) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=atol, rtol=0), (key, (a[key] - b[key]).abs().max().item())
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda text, key=key: f"{key}: {text}")

@@ -39,7 +39,7 @@ def test_two_processes_train_the_same_adapter_as_one(tiny_model, train_file, tmp
     trained = adapter_tensors(one.saved_to)
     assert max(t.abs().max().item() for k, t in trained.items() if "lora_B" in k) > 1e-2  # B starts at zero
     # Summation order differs between 1 and 2 processes; Adam turns float rounding into ~1e-5 differences.
-    assert_same_tensors(trained, adapter_tensors(str(tmp_path / "two" / "adapter")), atol=1e-4)
+    assert_same_tensors(trained, adapter_tensors(str(tmp_path / "two" / "adapter")), rtol=0, atol=1e-4)
     records = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert sum('"train"' in r for r in records) == one.summary["steps"]  # written once, by the main process
 
@@ -61,4 +61,6 @@ def test_a_killed_run_resumes_to_the_same_adapter(tiny_model, train_file, tmp_pa
     assert stopped_at < 40, "the run finished before it could be killed"
     resumed = train(load_config(None, {**settings, "resume": True}))
     whole = train(load_config(None, {**settings, "output_dir": str(tmp_path / "whole")}))
-    assert_same_tensors(adapter_tensors(whole.saved_to), adapter_tensors(resumed.saved_to))
+    # The resumed steps run on a reloaded model, which may round in other kernels: last bits, which Adam keeps
+    # below 2e-7 here (measured with every weight one ulp off at the resume); lost dropout draws move 5e-3.
+    assert_same_tensors(adapter_tensors(whole.saved_to), adapter_tensors(resumed.saved_to), rtol=1.3e-6, atol=1e-6)

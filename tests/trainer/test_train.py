@@ -122,10 +122,13 @@ def test_resumed_run_ends_with_the_same_adapter(method, tiny_model, train_file, 
         train(_config(tiny_model, train_file, tmp_path / "cut", **settings), step_hook=_raise_at(5))
     assert [step for step, _ in list_checkpoints(str(tmp_path / "cut"))] == [2, 4]
     resumed = train(_config(tiny_model, train_file, tmp_path / "cut", resume=True, **settings))
-    assert_same_tensors(adapter_tensors(whole.saved_to), adapter_tensors(resumed.saved_to))
+    # The resumed steps run on a reloaded model, which may round in other kernels: last bits, which Adam keeps
+    # below 2e-7 here (measured with every weight one ulp off at the resume); lost dropout draws move 5e-3.
+    assert_same_tensors(adapter_tensors(whole.saved_to), adapter_tensors(resumed.saved_to), rtol=1.3e-6, atol=1e-6)
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines if '"train"' in line] == [1, 2, 3, 4, 5, 6]
-    assert resumed.summary["eval_before"] == whole.summary["eval_before"]
+    # Each run evaluated its own freshly loaded model: last bits only.
+    torch.testing.assert_close(resumed.summary["eval_before"], whole.summary["eval_before"], rtol=1.3e-6, atol=1e-6)
 
 
 def test_resume_from_a_named_checkpoint_and_changed_settings(tiny_model, train_file, tmp_path):
@@ -193,7 +196,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_model, train_file, t
     one = train(_config(tiny_model, train_file, tmp_path / "a", lora_dropout=0.0, batch_size=4))
     two = train(_config(tiny_model, train_file, tmp_path / "b", lora_dropout=0.0, batch_size=2,
                         gradient_accumulation_steps=2))
-    assert_same_tensors(adapter_tensors(one.saved_to), adapter_tensors(two.saved_to), atol=1e-5)
+    assert_same_tensors(adapter_tensors(one.saved_to), adapter_tensors(two.saved_to), rtol=0, atol=1e-5)
 
 
 def test_fp16_without_a_gpu_is_refused(tiny_model, train_file, tmp_path, capsys):
