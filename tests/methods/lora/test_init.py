@@ -53,8 +53,9 @@ def test_pissa_factors_hold_the_top_singular_part(weight, scaling):
     top = torch.linalg.svdvals(weight)[:3]
     assert max_diff(torch.linalg.svdvals(scaling * b @ a)[:3], top) < TOL
     assert max_diff(torch.linalg.svdvals(residual)[:4], torch.linalg.svdvals(weight)[3:7]) < TOL
-    # A and B share the singular values evenly: A A^T == B^T B
-    assert max_diff(a @ a.T, b.T @ b) < TOL
+    # A and B share the singular values evenly: A A^T == B^T B (== diag(S) / scaling, entries up to 12.8). The SVD's
+    # rounding grows with them (1.2e-5 apart with ATen's portable kernels); an uneven split is off by more than 9.
+    torch.testing.assert_close(a @ a.T, b.T @ b, rtol=0, atol=1e-4)
 
 
 def test_fast_pissa_approximates_the_full_svd(weight):
