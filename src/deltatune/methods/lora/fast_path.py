@@ -1,0 +1,151 @@
+"""The LoRA fast path: a Linear (or GPT-2 Conv1D) base layer and one plain LoRA adapter as one autograd Function.
+
+It computes what the plain path computes, y = base(x) + s * dropout(x) A^T B^T (the LoRA branch in the adapter's
+dtype, rounded once to the base's), at less cost:
+- the forward makes one base product, h = dropout(x) A^T, and accumulates s * h B^T into the base output in place
+  (no output-sized temporary);
+- the backward accumulates the LoRA branch's input gradient into the base's in place (addmm), instead of autograd
+  summing two input-sized tensors, and picks the operand layouts BLAS runs fastest for the rank-sized products;
+- it keeps for backward only x (a reference: q/k/v or gate/up share one) and the rank-sized h. With dropout it keeps
+  neither a mask nor a dropped copy of x, only the mask's seed: the mask is a hash of (seed, element), recomputed
+  in the backward pass (dropout_mask.py; kernel.py computes it in the pass that applies it);
+- one autograd node and no submodule calls per layer, where the plain path has five.
+
+`fast_path_applies` says when it is used; everything else (DoRA, quantized bases, mixed-adapter batches, several
+active adapters, hooks on the layer's modules, autocast, torch.compile tracing, a trainable base weight, hot-swap's
+tensor scaling) takes the plain path in layers.py. With dropout 0 both paths give the same outputs and gradients up
+to float rounding (tests/methods/lora/test_fast_path.py); with dropout both drop each element independently with
+probability p, from different random streams.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from transformers.pytorch_utils import Conv1D
+
+from deltatune.methods.lora import kernel
+from deltatune.methods.lora.dropout_mask import draw_seed
+
+if TYPE_CHECKING:
+    from deltatune.methods.lora.layers import LoraLinear
+
+_BASE_TYPES = (nn.Linear, Conv1D)
+
+
+def _plain_module(module: nn.Module) -> bool:
+    """No hooks that calling the module would run (the fast path does not call it)."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as module_impl
+
+    return bool(module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks
+                or module_impl._global_backward_hooks or module_impl._global_backward_pre_hooks)
+
+
+def fast_path_applies(layer: LoraLinear, name: str, x: torch.Tensor) -> bool:
+    """Whether adapter `name` of `layer` (its only active adapter, plain LoRA) can run through the fast path on x."""
+    base = layer.base_layer
+    if type(base) not in _BASE_TYPES or torch.compiler.is_compiling():
+        return False
+    mods_a, mods_b = layer.lora_A._modules, layer.lora_B._modules
+    lora_a, lora_b = mods_a[name], mods_b[name]
+    dropout = layer.lora_dropout._modules[name]
+    weight = base.weight
+    if (type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear
+            or type(dropout) not in (nn.Identity, nn.Dropout) or weight.requires_grad
+            or not isinstance(layer.scaling[name], float | int) or x.dtype != weight.dtype
+            or x.device != weight.device):
+        return False
+    if not (_plain_module(base) and _plain_module(lora_a) and _plain_module(lora_b) and _plain_module(dropout)
+            and _plain_module(layer)):
+        return False
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return False
+    return not _global_hooks()
+
+
+def fast_forward(layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output with adapter `name`, through the fast path (check `fast_path_applies` first)."""
+    base = layer.base_layer
+    a, b = layer.lora_A._modules[name].weight, layer.lora_B._modules[name].weight
+    dropout = layer.lora_dropout._modules[name]
+    p = dropout.p if type(dropout) is nn.Dropout and dropout.training else 0.0
+    scaling = float(layer.scaling[name])
+    transposed = type(base) is Conv1D
+    tracked = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
+                                           or (base.bias is not None and base.bias.requires_grad))
+    if tracked:
+        return _LoraLinear.apply(x, base.weight, base.bias, a, b, scaling, p, transposed)
+    seed = draw_seed() if p > 0 else 0
+    y, _ = _forward(x.reshape(-1, x.shape[-1]), base.weight, base.bias, a, b, scaling, p, seed, transposed)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+             scaling: float, p: float, seed: int, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h) for the 2-D input x2: y = base(x2) + scaling * h B^T with h = dropout(x2) A^T."""
+    if transposed:  # GPT-2's Conv1D: weight is (in, out)
+        y = torch.mm(x2, weight) if bias is None else torch.addmm(bias, x2, weight)
+    else:
+        y = F.linear(x2, weight, bias)
+    xa = x2 if x2.dtype == a.dtype else x2.to(a.dtype)
+    if p > 0:
+        h = torch.mm(kernel.dropped(xa.contiguous(), p, seed), a.t()).mul_(1 / (1 - p))
+    else:
+        h = torch.mm(xa, a.t())
+    if y.dtype == b.dtype:
+        y.addmm_(h, b.t(), alpha=scaling)
+    else:  # a half-precision base beside float32 factors: add in float32, round once
+        y = torch.addmm(y.to(b.dtype), h, b.t(), alpha=scaling).to(y.dtype)
+    return y, h
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, scaling: float, p: float, transposed: bool) -> torch.Tensor:
+        seed = draw_seed() if p > 0 else 0
+        y, h = _forward(x.reshape(-1, x.shape[-1]), weight, bias, a, b, scaling, p, seed, transposed)
+        ctx.save_for_backward(x, weight, a, b, h)
+        ctx.scaling, ctx.p, ctx.seed, ctx.transposed = scaling, p, seed, transposed
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, a, b, h = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        scaling, p, seed = ctx.scaling, ctx.p, ctx.seed
+        g2 = grad.reshape(-1, grad.shape[-1])
+        ga = g2 if g2.dtype == a.dtype else g2.to(a.dtype)
+        grad_x = grad_bias = grad_a = grad_b = None
+        if need_b:  # (h^T g)^T: this layout runs faster than g^T h for a skinny h
+            grad_b = torch.mm(h.t(), ga).mul_(scaling).t()
+        if need_x or need_a:
+            # d(loss)/dh, with dropout's 1 / (1 - p) folded in: h = (x * mask) A^T / (1 - p)
+            gh = torch.mm(ga, b).mul_(scaling if p == 0 else scaling / (1 - p))
+            if need_a:
+                x2 = x.reshape(-1, x.shape[-1])
+                xa = x2 if x2.dtype == a.dtype else x2.to(a.dtype)
+                grad_a = torch.mm(gh.t(), xa if p == 0 else kernel.dropped(xa.contiguous(), p, seed))
+            if need_x:
+                grad_x = torch.mm(g2, weight.t() if ctx.transposed else weight)
+                if p == 0 and grad_x.dtype == a.dtype:
+                    grad_x.addmm_(gh, a)
+                elif p == 0:
+                    grad_x.add_(torch.mm(gh, a).to(grad_x.dtype))
+                else:
+                    kernel.add_dropped_(grad_x, torch.mm(gh, a), p, seed)
+                grad_x = grad_x.view(x.shape)
+        if need_bias:
+            grad_bias = g2.sum(0)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None

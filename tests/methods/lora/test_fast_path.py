@@ -1,0 +1,286 @@
+"""The LoRA fast path (fast_path.py) against the plain path and against explicit re-computations; its dropout masks
+(dropout_mask.py, kernel.py); and where it stands aside."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import deltatune
+from deltatune.methods.lora import dropout_mask, fast_path, kernel
+from deltatune.methods.lora.layers import LoraLinear
+
+# Float32 results of the same arithmetic in another order (in-place accumulation, other operand layouts).
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture
+def count_fast(monkeypatch):
+    """The number of fast-path calls made so far (LoraLinear's fast_forward, counted)."""
+    from deltatune.methods.lora import layers
+
+    calls = []
+    original = layers.fast_forward
+    monkeypatch.setattr(layers, "fast_forward", lambda *args: calls.append(args[0]) or original(*args))
+    return calls
+
+
+@pytest.fixture
+def plain_path(monkeypatch):
+    """Call with True to make every LoRA Linear layer take the plain path."""
+    return lambda on=True: monkeypatch.setattr(LoraLinear, "fast_path", not on)
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def step(model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    return out.logits.detach(), grads(model)
+
+
+@pytest.mark.parametrize(("build", "bias"), [(tiny_llama, "none"), (tiny_gpt2, "none"), (tiny_gpt2, "all"),
+                                             (tiny_gpt2, "lora_only")])
+def test_outputs_and_gradients_equal_the_plain_path_without_dropout(build, bias, count_fast, plain_path):
+    model = deltatune.get_peft_model(build(), deltatune.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, bias=bias, task_type="CAUSAL_LM",
+        fan_in_fan_out=build is tiny_gpt2))
+    model.eval()  # GPT-2's own dropout off; gradients still flow
+    ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "labels": ids}
+    fast_logits, fast_grads = step(model, inputs)
+    assert count_fast, "the fast path did not run"
+    plain_path()
+    plain_logits, plain_grads = step(model, inputs)
+    torch.testing.assert_close(fast_logits, plain_logits, rtol=RTOL, atol=ATOL)
+    assert fast_grads.keys() == plain_grads.keys() and len(fast_grads) > 0
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_inference_without_gradients_equals_the_plain_path(count_fast, plain_path):
+    model = deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"))
+    ids = torch.randint(1, 128, (3, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fast = model(input_ids=ids).logits
+        assert count_fast
+        plain_path()
+        plain = model(input_ids=ids).logits
+    torch.testing.assert_close(fast, plain, rtol=RTOL, atol=ATOL)
+
+
+def layer(base: nn.Module, r: int = 3, alpha: float = 6.0, dropout: float = 0.0) -> LoraLinear:
+    lora = LoraLinear(base)
+    lora.update_layer("default", r=r, alpha=alpha, dropout=dropout, init=False, use_rslora=False)
+    lora.set_adapter(["default"])
+    base.requires_grad_(False)
+    return lora
+
+
+def reference(lora: LoraLinear, x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """The LoRA layer written out with autograd: base(x) + s * ((x * keep / (1 - p)) A^T) B^T, in the adapter's
+    dtype, rounded to the base's once."""
+    a, b = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+    base = lora.base_layer(x)
+    xd = x.to(a.dtype)
+    if keep is not None:
+        xd = xd * keep / (1 - p)
+    return (base.to(a.dtype) + (xd @ a.t()) @ b.t() * lora.scaling["default"]).to(base.dtype)
+
+
+BASES = {
+    "linear": lambda: nn.Linear(24, 20),
+    "linear_no_bias": lambda: nn.Linear(24, 20, bias=False),
+    "gpt2_conv1d": lambda: Conv1D(20, 24),
+}
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_layer_matches_its_definition_with_and_without_dropout(kind, p, monkeypatch):
+    """With the seed pinned, the fast path's output and every gradient equal autograd through the written-out layer
+    with the mask dropout_mask.py defines (dropped elements zero, the others scaled by 1 / (1 - p))."""
+    torch.manual_seed(0)
+    lora = layer(BASES[kind](), dropout=p).train()
+    seed = 1234567
+    monkeypatch.setattr(fast_path, "draw_seed", lambda: seed)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    grad_out = torch.randn(2, 5, 20)
+    assert fast_path.fast_path_applies(lora, "default", x)
+    y = lora(x)
+    y.backward(grad_out)
+    fast = (y.detach(), x.grad.clone(), *(p_.grad.clone() for p_ in lora.parameters() if p_.requires_grad))
+    x.grad = None
+    lora.zero_grad()
+    keep = dropout_mask.keep_mask(x.shape, p, seed) if p > 0 else None
+    expected = reference(lora, x, keep, p)
+    expected.backward(grad_out)
+    ref = (expected.detach(), x.grad.clone(), *(p_.grad.clone() for p_ in lora.parameters() if p_.requires_grad))
+    for got, want in zip(fast, ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_half_precision_base_with_float32_factors_matches_its_definition():
+    torch.manual_seed(0)
+    lora = layer(nn.Linear(24, 20).to(torch.bfloat16))
+    assert lora.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(4, 24, dtype=torch.bfloat16, requires_grad=True)
+    y = lora(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    got = (y.detach(), x.grad.clone(), lora.lora_A["default"].weight.grad.clone())
+    x.grad = None
+    lora.zero_grad()
+    expected = reference(lora, x, None, 0.0)
+    expected.float().sum().backward()
+    # Both round the float32 sum to bfloat16 once; the input gradient is a bfloat16 product in both.
+    torch.testing.assert_close(got[0], expected.detach(), rtol=0, atol=0.02)
+    torch.testing.assert_close(got[1], x.grad, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(got[2], lora.lora_A["default"].weight.grad, rtol=1e-3, atol=1e-3)
+
+
+def test_nothing_input_sized_is_kept_for_backward_beyond_the_input():
+    """Saved for backward: x (the caller's tensor), the weights, and the rank-sized h: never a mask or a dropped
+    copy of x, whatever the dropout."""
+    torch.manual_seed(0)
+    lora = layer(nn.Linear(64, 48), r=4, dropout=0.3).train()
+    x = torch.randn(8, 16, 64, requires_grad=True)
+    params = {t.untyped_storage().data_ptr() for t in (*lora.parameters(), x)}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lora(x).sum().backward()
+    assert saved == [8 * 16 * 4]  # h only
+
+
+def test_dropout_drops_each_element_with_probability_p_independently_per_layer_and_call():
+    p, n = 0.05, 1 << 20
+    seeds = [dropout_mask.draw_seed() for _ in range(3)]
+    masks = [dropout_mask.keep_mask((n,), p, seed) for seed in seeds]
+    sigma = math.sqrt(n * p * (1 - p))
+    for mask in masks:
+        assert abs((~mask).sum().item() - n * p) < 5 * sigma
+    # two masks agree where independent ones would (both drop: p^2)
+    both = (~masks[0] & ~masks[1]).sum().item()
+    assert abs(both - n * p * p) < 5 * math.sqrt(n * p * p)
+    # neighbouring elements are not correlated
+    pairs = (~masks[2][1:] & ~masks[2][:-1]).sum().item()
+    assert abs(pairs - (n - 1) * p * p) < 5 * math.sqrt(n * p * p)
+    assert len(set(seeds)) == 3
+
+
+def test_dropout_follows_torch_manual_seed(monkeypatch):
+    torch.manual_seed(0)
+    lora = layer(nn.Linear(24, 20), dropout=0.2).train()
+    x = torch.randn(3, 24)
+    torch.manual_seed(7)
+    first = lora(x)
+    second = lora(x)
+    torch.manual_seed(7)
+    again = lora(x)
+    assert not torch.allclose(first, second)  # a fresh mask every call
+    torch.testing.assert_close(again, first, rtol=0, atol=0)  # same seed, same kernels, same input
+
+
+def test_random_bits_are_splitmix64():
+    """dropout_mask.random_bits (torch int64 ops) against SplitMix64 written in Python integers."""
+    mask64 = (1 << 64) - 1
+
+    def splitmix(seed: int, i: int) -> int:
+        z = (seed + i * dropout_mask.GAMMA) & mask64
+        z = ((z ^ (z >> 30)) * dropout_mask.MIX1) & mask64
+        z = ((z ^ (z >> 27)) * dropout_mask.MIX2) & mask64
+        return (z ^ (z >> 31)) >> 32
+
+    for seed in (0, 1, -1, 2**62 + 12345, -(2**63)):
+        bits = dropout_mask.random_bits(300, seed)
+        assert [int(b) for b in bits] == [splitmix(seed & mask64, i) for i in range(300)]
+
+
+@pytest.mark.parametrize("numel", [1, 63, 64, 1000, 65536 + 7, 300_001])
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.999])
+def test_kernel_gives_the_defined_masks(numel, p):
+    """The C kernel (threads, vector clones, slice boundaries) and the torch definition give identical results:
+    both select the same elements, nothing is computed."""
+    if kernel.library() is None:
+        pytest.skip("no C compiler here: the torch definition is all that runs")
+    x = torch.randn(numel)
+    acc = torch.randn(numel)
+    seed = dropout_mask.draw_seed()
+    torch.testing.assert_close(kernel.dropped(x, p, seed), dropout_mask.dropped(x, p, seed), rtol=0, atol=0)
+    expected = dropout_mask.add_dropped_(acc.clone(), x, p, seed)
+    torch.testing.assert_close(kernel.add_dropped_(acc, x, p, seed), expected, rtol=0, atol=0)
+
+
+def test_threshold_covers_p():
+    assert dropout_mask.threshold(0.0) == 0
+    assert dropout_mask.threshold(0.05) == round(0.05 * 2**32)
+    assert dropout_mask.threshold(1 - 1e-12) == 2**32 - 1
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        dropout_mask.threshold(1.0)
+
+
+def test_without_the_kernel_the_same_masks_are_used(monkeypatch):
+    x = torch.randn(4000)
+    seed = 99
+    with_kernel = kernel.dropped(x, 0.3, seed)
+    monkeypatch.setattr(kernel, "library", lambda: None)
+    torch.testing.assert_close(kernel.dropped(x, 0.3, seed), with_kernel, rtol=0, atol=0)
+
+
+def _hooked(lora: LoraLinear) -> None:
+    lora.lora_A["default"].register_forward_hook(lambda *args: None)
+
+
+@pytest.mark.parametrize("case", ["dora", "hook_on_lora_A", "trainable_base", "two_active", "autocast",
+                                  "tensor_scaling"])
+def test_cases_it_does_not_cover_take_the_plain_path(case, count_fast):
+    torch.manual_seed(0)
+    lora = layer(nn.Linear(24, 20))
+    x = torch.randn(3, 24)
+    if case == "dora":
+        lora.update_layer("default", r=3, alpha=6.0, dropout=0.0, init=False, use_rslora=False, use_dora=True)
+    elif case == "hook_on_lora_A":
+        _hooked(lora)
+    elif case == "trainable_base":
+        lora.base_layer.weight.requires_grad_(True)
+    elif case == "two_active":
+        lora.update_layer("other", r=2, alpha=2.0, dropout=0.0, init=False, use_rslora=False)
+        lora.set_adapter(["default", "other"])
+    elif case == "tensor_scaling":
+        lora.scaling["default"] = torch.tensor(2.0)
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lora(x)
+    else:
+        lora(x)
+    assert not count_fast
+
+
+def test_quantized_and_mixed_batch_layers_take_the_plain_path(count_fast):
+    from deltatune.mixed_batch import BASE
+
+    model = deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    model.add_adapter("b", deltatune.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"],
+                                                init_lora_weights=False, task_type="CAUSAL_LM"))
+    ids = torch.randint(1, 128, (2, 5))
+    with torch.no_grad():
+        model(input_ids=ids, adapter_names=["b", BASE])
+    assert not count_fast
+    model(input_ids=ids)
+    assert count_fast
