@@ -3,13 +3,14 @@
 peft's definition is kept: each input element is dropped independently with probability p and the survivors are
 scaled by 1 / (1 - p), with a mask of its own for every adapted layer and call. What differs is where the random
 bits come from. nn.Dropout draws a mask from torch's generator and keeps it (or a dropped copy of the input) for
-the backward pass; here the decision for element i is the top 32 bits of SplitMix64's output for counter
-`seed + i * GAMMA`, and an element is kept when those bits are >= round(p * 2**32). So the backward pass recomputes
-the same mask from one saved integer, no mask or copy is kept, and computing it costs a few integer operations per
-element, which a compiled kernel does in the same pass that applies it (kernel.py). `draw_seed` takes the seed from
-torch's default generator, so `torch.manual_seed` makes runs repeatable as it does with nn.Dropout.
+the backward pass; here the decision for element i (in row-major order of the layer's 2-D input) is 32 bits of
+SplitMix64's output for counter `seed + (i // 2) * GAMMA` (the low half for even i, the high half for odd i), and an
+element is kept when those bits are >= round(p * 2**32).
+So the backward pass recomputes the same mask from one saved integer, no mask or copy is kept, and a decision costs
+a few integer operations, which a compiled kernel makes while it applies them (kernel.py). `draw_seed` takes the
+seed from torch's default generator, so `torch.manual_seed` makes runs repeatable as it does with nn.Dropout.
 
-The functions here are the definition, in plain torch integer ops (any device); kernel.py computes the same masks
+The functions here are the definition, in plain torch integer ops (any device); kernel.py applies the same masks
 faster on the CPU.
 """
 
@@ -48,12 +49,13 @@ def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def random_bits(numel: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 32 random bits of elements 0 .. numel - 1 (int64 values in [0, 2**32))."""
-    z = torch.arange(numel, dtype=torch.int64, device=device).mul_(_signed(GAMMA)).add_(_signed(seed))
+    """The 32 random bits of elements 0 .. numel - 1 (int64 values in [0, 2**32)): elements 2k and 2k + 1 take the
+    low and the high half of SplitMix64's output for counter seed + k * GAMMA."""
+    z = torch.arange((numel + 1) // 2, dtype=torch.int64, device=device).mul_(_signed(GAMMA)).add_(_signed(seed))
     z = (z ^ _shift_right(z, 30)).mul_(_signed(MIX1))
     z = (z ^ _shift_right(z, 27)).mul_(_signed(MIX2))
     z ^= _shift_right(z, 31)
-    return _shift_right(z, 32)
+    return torch.stack([z & 0xFFFFFFFF, _shift_right(z, 32)], dim=1).view(-1)[:numel]
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device | str = "cpu"
@@ -63,13 +65,3 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: 
     for size in shape:
         numel *= size
     return (random_bits(numel, seed, device) >= threshold(p)).view(shape)
-
-
-def dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """x with the dropped elements zeroed (not yet scaled by 1 / (1 - p)); x must be contiguous."""
-    return torch.where(keep_mask(x.shape, p, seed, x.device), x, 0)
-
-
-def add_dropped_(acc: torch.Tensor, t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """acc += t with the dropped elements of t zeroed (not scaled); in place, returns acc."""
-    return acc.add_(torch.where(keep_mask(t.shape, p, seed, t.device), t, 0).to(acc.dtype))

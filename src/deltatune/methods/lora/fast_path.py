@@ -7,8 +7,9 @@ dtype, rounded once to the base's), at less cost:
 - the backward accumulates the LoRA branch's input gradient into the base's in place (addmm), instead of autograd
   summing two input-sized tensors, and picks the operand layouts BLAS runs fastest for the rank-sized products;
 - it keeps for backward only x (a reference: q/k/v or gate/up share one) and the rank-sized h. With dropout it keeps
-  neither a mask nor a dropped copy of x, only the mask's seed: the mask is a hash of (seed, element), recomputed
-  in the backward pass (dropout_mask.py; kernel.py computes it in the pass that applies it);
+  no mask and no dropped copy of x: the mask is a hash of (seed, element) (dropout_mask.py), kept as the seed and,
+  where the CPU kernel runs, the dropped elements' indices (about p of the elements). The products run on x itself
+  and the dropped elements' share is taken out afterwards (kernel.py), so nothing input-sized is written for it;
 - one autograd node and no submodule calls per layer, where the plain path has five.
 
 `fast_path_applies` says when it is used; everything else (DoRA, quantized bases, mixed-adapter batches, several
@@ -86,27 +87,30 @@ def fast_forward(layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor:
     if tracked:
         return _LoraLinear.apply(x, base.weight, base.bias, a, b, scaling, p, transposed)
     seed = draw_seed() if p > 0 else 0
-    y, _ = _forward(x.reshape(-1, x.shape[-1]), base.weight, base.bias, a, b, scaling, p, seed, transposed)
+    y, _, _ = _forward(x.reshape(-1, x.shape[-1]), base.weight, base.bias, a, b, scaling, p, seed, transposed)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
-             scaling: float, p: float, seed: int, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h) for the 2-D input x2: y = base(x2) + scaling * h B^T with h = dropout(x2) A^T."""
+             scaling: float, p: float, seed: int, transposed: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(y, h, dropped) for the 2-D input x2: y = base(x2) + scaling * h B^T with h = dropout(x2) A^T; `dropped` is
+    what kernel.drop_forward_ gives the backward pass (None without dropout)."""
     if transposed:  # GPT-2's Conv1D: weight is (in, out)
         y = torch.mm(x2, weight) if bias is None else torch.addmm(bias, x2, weight)
     else:
         y = F.linear(x2, weight, bias)
     xa = x2 if x2.dtype == a.dtype else x2.to(a.dtype)
-    if p > 0:
-        h = torch.mm(kernel.dropped(xa.contiguous(), p, seed), a.t()).mul_(1 / (1 - p))
-    else:
-        h = torch.mm(xa, a.t())
+    h = torch.mm(xa, a.t())
+    dropped = None
+    if p > 0:  # h = dropout(x) A^T = (x A^T - (x * dropped) A^T) / (1 - p)
+        dropped = kernel.drop_forward_(h, xa.contiguous(), a, p, seed)
+        h.mul_(1 / (1 - p))
     if y.dtype == b.dtype:
         y.addmm_(h, b.t(), alpha=scaling)
     else:  # a half-precision base beside float32 factors: add in float32, round once
         y = torch.addmm(y.to(b.dtype), h, b.t(), alpha=scaling).to(y.dtype)
-    return y, h
+    return y, h, dropped
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -114,15 +118,15 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, scaling: float, p: float, transposed: bool) -> torch.Tensor:
         seed = draw_seed() if p > 0 else 0
-        y, h = _forward(x.reshape(-1, x.shape[-1]), weight, bias, a, b, scaling, p, seed, transposed)
-        ctx.save_for_backward(x, weight, a, b, h)
+        y, h, dropped = _forward(x.reshape(-1, x.shape[-1]), weight, bias, a, b, scaling, p, seed, transposed)
+        ctx.save_for_backward(x, weight, a, b, h, dropped)
         ctx.scaling, ctx.p, ctx.seed, ctx.transposed = scaling, p, seed, transposed
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        x, weight, a, b, h = ctx.saved_tensors
+        x, weight, a, b, h, dropped = ctx.saved_tensors
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         scaling, p, seed = ctx.scaling, ctx.p, ctx.seed
         g2 = grad.reshape(-1, grad.shape[-1])
@@ -136,15 +140,17 @@ class _LoraLinear(torch.autograd.Function):
             if need_a:
                 x2 = x.reshape(-1, x.shape[-1])
                 xa = x2 if x2.dtype == a.dtype else x2.to(a.dtype)
-                grad_a = torch.mm(gh.t(), xa if p == 0 else kernel.dropped(xa.contiguous(), p, seed))
+                grad_a = torch.mm(gh.t(), xa)
+                if p > 0:
+                    kernel.drop_grad_a_(grad_a, xa.contiguous(), gh, p, seed, dropped)
             if need_x:
                 grad_x = torch.mm(g2, weight.t() if ctx.transposed else weight)
-                if p == 0 and grad_x.dtype == a.dtype:
+                if grad_x.dtype == a.dtype:
                     grad_x.addmm_(gh, a)
-                elif p == 0:
-                    grad_x.add_(torch.mm(gh, a).to(grad_x.dtype))
                 else:
-                    kernel.add_dropped_(grad_x, torch.mm(gh, a), p, seed)
+                    grad_x.add_(torch.mm(gh, a).to(grad_x.dtype))
+                if p > 0:
+                    kernel.drop_grad_x_(grad_x, gh, a, p, seed, dropped)
                 grad_x = grad_x.view(x.shape)
         if need_bias:
             grad_bias = g2.sum(0)
