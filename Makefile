@@ -46,8 +46,10 @@ quickstart: setup
 lint: setup
 	$(BIN)/ruff check src tests bench examples
 
+# Every benchmark case, deltatune vs peft vs the plain transformers model (bench/README.md): bench/results.md.
 bench: setup
-	$(BIN)/python bench/lora_step.py
+	$(BIN)/deltatune models --prepare smollm2-135m-instruct
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -13,7 +13,7 @@ generator after get_peft_model); the run checks that their losses agree at every
 Time: one process holds all six models and runs one step of each per round, rotating the order every round
 to cancel drift; warm-up rounds are dropped. We report median wall and CPU (process) time per step and, as
 ratios, the median over rounds of the paired per-round deltatune/peft ratios.
-Memory: each configuration runs in a fresh spawned process with lora_step.measure_memory: tensor accounting
+Memory: each configuration runs in a fresh spawned process with common.measure_memory: tensor accounting
 (params + grads + optimizer state + unique non-parameter storages saved for backward, via
 saved_tensors_hooks; deterministic, the ratio uses it) and peak-RSS growth (VmHWM; allocator-dependent).
 Switch: two prompt-tuning adapters on one base model; median time of `set_adapter` over many alternating
@@ -25,6 +25,7 @@ switches, then the median time of one no-grad forward right after a switch.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import statistics
@@ -33,9 +34,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import lora_step  # bench/ is on sys.path when this file runs as a script (also in spawned children)
+import common  # bench/ is on sys.path when this file runs as a script (also in spawned children)
 import torch
-from lora_step import RESULTS, Setup, paired_ratio
+from common import RESULTS, Setup, paired_ratio
 from torch import nn
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -105,10 +106,15 @@ def build(kind: str, batch: int, seq: int, seed: int = 0) -> Setup:
     return Setup(model, step, params, opt)
 
 
+def _build_kind(args: dict[str, Any], kind: str) -> Setup:
+    return build(kind, args["batch"], args["seq"])
+
+
 def measure_memory(kind: str, args: dict[str, Any]) -> dict[str, float | None]:
-    """lora_step's accounting, run on this file's models (called in a fresh spawned process)."""
-    lora_step.build = build  # measure_memory looks `build` up in its own module
-    return lora_step.measure_memory(kind, args)
+    """common's accounting, run on this file's models (called in a fresh spawned process)."""
+    memory = common.measure_memory(functools.partial(_build_kind, args), kind, args["threads"], steps=3)
+    memory["peak_rss_delta"] = memory["peak_rss"]
+    return memory
 
 
 def measure_time(args: argparse.Namespace) -> tuple[dict[str, dict[str, list[float]]], dict[str, float]]:

@@ -287,3 +287,15 @@ def test_resuming_a_finished_run_logs_its_final_evaluation_once(tiny_model, trai
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "eval"] == [0, 4]
     assert again.summary["eval_after"] == first.summary["eval_after"]
+
+
+@pytest.mark.slow
+def test_compiled_run_trains_the_same_adapter(tiny_model, train_file, tmp_path):
+    """--compile (torch.compile of the training forward) gives the eager run's adapter, to float rounding."""
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / ("compiled" if compiled else "eager")
+        flags = ["--lora-dropout", "0", "--save-steps", "none", "--eval-steps", "none"]
+        assert _train_cli(tiny_model, train_file, out, *flags, *(["--compile"] if compiled else [])) == 0
+        runs[compiled] = adapter_tensors(out / "adapter")
+    assert_same_tensors(runs[True], runs[False], rtol=1e-4, atol=1e-5)

@@ -74,6 +74,9 @@ class TrainConfig:
         None, "load the frozen base quantized (QLoRA): 8bit, 4bit/nf4, fp4, torchao-int8 or torchao-nf4"
     )
     seed: int = setting(42, "seed of the initialisation, data order and dropout")
+    compile: bool = setting(
+        False, "torch.compile the model's training forward (a one-off compilation, then faster steps; needs a C++ "
+               "compiler on a CPU)")
     # --- evaluation --------------------------------------------------------------------------------------
     eval_steps: int | None = setting(None, "evaluate every this many steps (always before and after training)")
     max_eval_samples: int | None = setting(None, "evaluate on at most this many rows")

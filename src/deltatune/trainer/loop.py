@@ -74,13 +74,19 @@ def build_model(config: TrainConfig, path: str, data: RunData, tokenizer) -> tup
     weights = {"loaded": model_memory_bytes(model), "full_precision": model_memory_bytes(model, full_precision=True)}
     peft_config = build_peft_config(config, task_type(data.label_names), path)
     if peft_config is None:  # full fine-tuning
-        return model.requires_grad_(True), weights
+        model.requires_grad_(True)
+        if config.compile:
+            model.compile()
+        return model, weights
     try:
         peft_model = get_peft_model(model, peft_config)
     except ValueError as err:  # the method does not fit this model (no target modules, no KV cache, ...)
         raise ConfigError(f"Cannot apply method {config.method!r} to {config.model}: {err}") from err
     # Saved adapters name the model the user gave (an embedded name, say), not the folder it was loaded from.
     peft_model.peft_config["default"].base_model_name_or_path = config.model
+    if config.compile:
+        # Module.compile compiles forward in place: parameter names, saving and generate() stay as they are.
+        peft_model.compile()
     return peft_model, weights
 
 

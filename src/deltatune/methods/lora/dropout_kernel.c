@@ -5,11 +5,11 @@
  * 32 bits of SplitMix64(seed + k * GAMMA); an element is dropped when its bits are below thr. The LoRA products
  * are computed on x itself by BLAS; these functions then remove the dropped elements' share, r multiply-adds per
  * dropped element (about p of them), reading x only where something was dropped:
- *   drop_forward: h[i, :]  -= x[i, j] * at[j, :]   and the list of dropped elements   (at = A^T, (cols, r))
+ *   drop_forward: h[i, :]  -= x[i, j] * at[j, :]   and the list of dropped elements and their values of x
  *   drop_grad_a:  ga[:, j] -= x[i, j] * gh[i, :]   for the listed elements            (ga: (r, cols), given as ga^T)
  *   drop_grad_x:  gx[i, j] -= dot(gh[i, :], at[j, :])  for the listed elements
- * So the hashing runs once per forward; the backward pass walks the list (int32 flat indices, about p of the
- * elements: the mask kept packed). Work is split over `threads` POSIX threads. Plain C (AVX-512 intrinsics where the
+ * So the hashing runs once per forward; the backward pass walks the list (int32 flat indices and float32 values
+ * of x, about p of the elements: the mask kept packed, and the dropped values read once, where they are scattered). Work is split over `threads` POSIX threads. Plain C (AVX-512 intrinsics where the
  * CPU has them): no torch or Python headers.
  */
 #include <pthread.h>
@@ -91,6 +91,7 @@ typedef struct {
     const float *x, *small;
     const int32_t *idx;
     int32_t *list;
+    float *values; /* the dropped elements' values of x, beside `list` */
     int64_t begin, end; /* element range (forward) or list range (backward) */
     int64_t cols, r, rp, capacity, count;
     uint64_t seed;
@@ -100,13 +101,13 @@ typedef struct {
 /* h[i, :r] -= sum over the row's dropped elements e of x[e] * at[j(e), :], the sum kept in registers (one store per
  * row and chunk instead of a load-add-store chain per element). */
 #define CORRECT_ROW(NAME, ATTR)                                                                                     \
-    ATTR static inline void NAME(float *restrict h_row, const float *restrict x, const float *restrict at,          \
+    ATTR static inline void NAME(float *restrict h_row, const float *restrict values, const float *restrict at,     \
                                  const int32_t *restrict drops, int64_t n, int64_t row_start, int64_t r,            \
                                  int64_t rp) {                                                                      \
         for (int64_t c0 = 0; c0 < rp; c0 += LANES) {                                                                \
             float acc[LANES] = {0};                                                                                 \
             for (int64_t k = 0; k < n; k++) {                                                                       \
-                const float v = x[drops[k]], *restrict a = at + (drops[k] - row_start) * rp + c0;                   \
+                const float v = values[k], *restrict a = at + (drops[k] - row_start) * rp + c0;                     \
                 for (int c = 0; c < LANES; c++) acc[c] += v * a[c];                                                 \
             }                                                                                                       \
             for (int c = 0; c < LANES && c0 + c < r; c++) h_row[c0 + c] -= acc[c];                                  \
@@ -120,6 +121,8 @@ typedef struct {
         job_t *job = (job_t *)arg;                                                                                  \
         const int64_t cols = job->cols, end = job->end, capacity = job->capacity;                                  \
         int32_t *restrict list = job->list;                                                                         \
+        float *restrict values = job->values;                                                                       \
+        const float *restrict x = job->x;                                                                           \
         int64_t count = 0, row_first = 0, i = job->begin / cols, row_end = (i + 1) * cols;                          \
         uint64_t masks[BATCH];                                                                                      \
         for (int64_t s0 = job->begin / BLOCK * BLOCK; s0 < end; s0 += BATCH * BLOCK) {                             \
@@ -137,18 +140,19 @@ typedef struct {
                     int64_t e = b0 + __builtin_ctzll(bits);                                                         \
                     bits &= bits - 1;                                                                               \
                     while (e >= row_end) { /* a new row: correct the finished one */                                \
-                        CORRECT(job->out + i * job->r, job->x, job->small, list + row_first, count - row_first,     \
-                                row_end - cols, job->r, job->rp);                                                   \
+                        CORRECT(job->out + i * job->r, values + row_first, job->small, list + row_first,            \
+                                count - row_first, row_end - cols, job->r, job->rp);                                \
                         row_first = count;                                                                          \
                         row_end += cols;                                                                            \
                         i++;                                                                                        \
                     }                                                                                               \
+                    values[count] = x[e];                                                                           \
                     list[count++] = (int32_t)e;                                                                     \
                 }                                                                                                   \
             }                                                                                                       \
         }                                                                                                           \
-        CORRECT(job->out + i * job->r, job->x, job->small, list + row_first, count - row_first, row_end - cols,     \
-                job->r, job->rp);                                                                                   \
+        CORRECT(job->out + i * job->r, values + row_first, job->small, list + row_first, count - row_first,         \
+                row_end - cols, job->r, job->rp);                                                                   \
         job->count = count;                                                                                         \
         return 0;                                                                                                   \
     }
@@ -160,13 +164,13 @@ CORRECT_ROW(correct_row_avx2, __attribute__((target("avx2,fma"))))
 FORWARD_JOB(forward_job_avx2, dropped_bits_avx2, correct_row_avx2, __attribute__((target("avx2,fma"))))
 
 /* CORRECT_ROW with the 16 sums in one vector register (the compiler keeps them in scalar ones). */
-AVX512 static inline void correct_row_avx512(float *restrict h_row, const float *restrict x, const float *restrict at,
-                                             const int32_t *restrict drops, int64_t n, int64_t row_start, int64_t r,
-                                             int64_t rp) {
+AVX512 static inline void correct_row_avx512(float *restrict h_row, const float *restrict values,
+                                             const float *restrict at, const int32_t *restrict drops, int64_t n,
+                                             int64_t row_start, int64_t r, int64_t rp) {
     for (int64_t c0 = 0; c0 < rp; c0 += LANES) {
         __m512 acc = _mm512_setzero_ps();
         for (int64_t k = 0; k < n; k++)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(x[drops[k]]), _mm512_loadu_ps(at + (drops[k] - row_start) * rp + c0),
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(values[k]), _mm512_loadu_ps(at + (drops[k] - row_start) * rp + c0),
                                   acc);
         __mmask16 live = r - c0 >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << (r - c0)) - 1);
         _mm512_mask_storeu_ps(h_row + c0, live, _mm512_sub_ps(_mm512_maskz_loadu_ps(live, h_row + c0), acc));
@@ -177,17 +181,17 @@ FORWARD_JOB(forward_job_avx512, dropped_bits_avx512, correct_row_avx512, AVX512)
 
 /* The backward jobs walk the list. grad_a: ga^T[j, :] -= x[e] * gh[i, :]; grad_x: gx[e] -= dot(gh[i, :], at[j, :]). */
 #define GRAD_A_JOB(NAME, ATTR)                                                                                      \
-    ATTR static void *NAME(void *arg) { /* small = gh (rows, rp); out = this thread's ga^T (cols, rp) */            \
+    ATTR static void *NAME(void *arg) { /* x = values, small = gh (rows, rp); out = this thread's ga^T (cols, rp) */ \
         job_t *job = (job_t *)arg;                                                                                  \
         const int64_t cols = job->cols, rp = job->rp;                                                               \
-        const float *restrict x = job->x, *restrict gh = job->small;                                               \
+        const float *restrict values = job->x, *restrict gh = job->small;                                          \
         const int32_t *restrict list = job->idx;                                                                    \
         float *restrict gat = job->out;                                                                             \
         int64_t i = job->begin < job->end ? list[job->begin] / cols : 0;                                            \
         for (int64_t n = job->begin; n < job->end; n++) {                                                           \
             int64_t e = list[n];                                                                                    \
             while (e >= (i + 1) * cols) i++; /* the list is in order: step to e's row */                            \
-            const float v = x[e], *restrict g = gh + i * rp;                                                        \
+            const float v = values[n], *restrict g = gh + i * rp;                                                   \
             float *restrict row = gat + (e - i * cols) * rp;                                                        \
             GRAD_A_UPDATE                                                                                           \
         }                                                                                                           \
@@ -300,7 +304,8 @@ static void run_all(void *(*fn)(void *), job_t *jobs, int threads) {
  * than `capacity` were: then h and list are partly written and the caller must start over another way.
  * at: A^T padded to (cols, rp). */
 int64_t deltatune_drop_forward(float *h, const float *x, const float *at, int64_t rows, int64_t cols, int64_t r,
-                               int64_t rp, uint64_t seed, uint32_t thr, int32_t *list, int64_t capacity, int threads) {
+                               int64_t rp, uint64_t seed, uint32_t thr, int32_t *list, float *values, int64_t capacity,
+                               int threads) {
     pick_kernels();
     job_t jobs[MAX_THREADS];
     threads = thread_count(threads, rows * cols);
@@ -309,8 +314,8 @@ int64_t deltatune_drop_forward(float *h, const float *x, const float *at, int64_
     for (int k = 0; k < threads; k++) {
         int64_t row0 = k * chunk < rows ? k * chunk : rows, row1 = row0 + chunk < rows ? row0 + chunk : rows;
         int64_t share = capacity * (row1 - row0) / rows; /* its part of the list, by its share of the rows */
-        job_t job = {h, x, at, 0, list + capacity * row0 / rows, row0 * cols, row1 * cols, cols, r, rp, share, 0, seed,
-                     thr};
+        job_t job = {h, x, at, 0, list + capacity * row0 / rows, values + capacity * row0 / rows, row0 * cols, row1 * cols,
+                     cols, r, rp, share, 0, seed, thr};
         jobs[k] = job;
     }
     run_all(kernels.forward, jobs, threads);
@@ -318,13 +323,14 @@ int64_t deltatune_drop_forward(float *h, const float *x, const float *at, int64_
     for (int k = 0; k < threads; k++) {
         if (jobs[k].count < 0) return -1;
         memmove(list + total, jobs[k].list, (size_t)jobs[k].count * sizeof(int32_t));
+        memmove(values + total, jobs[k].values, (size_t)jobs[k].count * sizeof(float));
         total += jobs[k].count;
     }
     return total;
 }
 
 /* gat: (gA)^T's correction, (cols, rp), zeroed by the caller; gh padded to (rows, rp). */
-void deltatune_drop_grad_a(float *gat, const float *x, const float *gh, const int32_t *list, int64_t count,
+void deltatune_drop_grad_a(float *gat, const float *values, const float *gh, const int32_t *list, int64_t count,
                            int64_t cols, int64_t rp, int threads) {
     job_t jobs[MAX_THREADS];
     threads = thread_count(threads, count * rp);
@@ -337,7 +343,7 @@ void deltatune_drop_grad_a(float *gat, const float *x, const float *gh, const in
     for (int k = 0; k < threads; k++) {
         int64_t n0 = k * chunk < count ? k * chunk : count, n1 = n0 + chunk < count ? n0 + chunk : count;
         float *out = k == 0 ? gat : partials + (size_t)(k - 1) * (size_t)(rp * cols);
-        job_t job = {out, x, gh, list, 0, n0, n1, cols, 0, rp, 0, 0, 0, 0};
+        job_t job = {out, values, gh, list, 0, 0, n0, n1, cols, 0, rp, 0, 0, 0, 0};
         jobs[k] = job;
     }
     pick_kernels();
@@ -358,7 +364,7 @@ void deltatune_drop_grad_x(float *gx, const float *gh, const float *at, const in
     int64_t chunk = (count + threads - 1) / threads;
     for (int k = 0; k < threads; k++) {
         int64_t n0 = k * chunk < count ? k * chunk : count, n1 = n0 + chunk < count ? n0 + chunk : count;
-        job_t job = {gx, gh, at, list, 0, n0, n1, cols, 0, rp, 0, 0, 0, 0};
+        job_t job = {gx, gh, at, list, 0, 0, n0, n1, cols, 0, rp, 0, 0, 0, 0};
         jobs[k] = job;
     }
     pick_kernels();

@@ -6,15 +6,16 @@ dtype, rounded once to the base's), at less cost:
   (no output-sized temporary);
 - the backward accumulates the LoRA branch's input gradient into the base's in place (addmm), instead of autograd
   summing two input-sized tensors, and picks the operand layouts BLAS runs fastest for the rank-sized products;
-- it keeps for backward only x (a reference: q/k/v or gate/up share one) and the rank-sized h. With dropout it keeps
-  no mask and no dropped copy of x: the mask is a hash of (seed, element) (dropout_mask.py), kept as the seed and,
-  where the CPU kernel runs, the dropped elements' indices (about p of the elements). The products run on x itself
-  and the dropped elements' share is taken out afterwards (kernel.py), so nothing input-sized is written for it;
+- it keeps for backward only x (a reference: q/k/v or gate/up share one) and the rank-sized h. With dropout it
+  keeps no mask and no dropped copy of x: the mask is a hash of (seed, element) (dropout_mask.py), kept as the
+  seed and, where the CPU kernel runs, the dropped elements' indices and values (about p of the elements). The
+  products run on x itself and the dropped elements' share is taken out afterwards (kernel.py), so nothing
+  input-sized is written for dropout;
 - one autograd node and no submodule calls per layer, where the plain path has five.
 
-`fast_path_applies` says when it is used; everything else (DoRA, quantized bases, mixed-adapter batches, several
-active adapters, hooks on the layer's modules, autocast, torch.compile tracing, a trainable base weight, hot-swap's
-tensor scaling) takes the plain path in layers.py. With dropout 0 both paths give the same outputs and gradients up
+`fast_forward` returns None where it does not apply; then the plain path in layers.py runs: DoRA, quantized bases,
+mixed-adapter batches, several active adapters, hooks on the layer's modules, autocast, torch.compile tracing, a
+trainable base weight, hot-swap's tensor scaling. With dropout 0 both paths give the same outputs and gradients up
 to float rounding (tests/methods/lora/test_fast_path.py); with dropout both drop each element independently with
 probability p, from different random streams.
 """
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as module_impl
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.methods.lora import kernel
@@ -36,64 +38,56 @@ if TYPE_CHECKING:
     from deltatune.methods.lora.layers import LoraLinear
 
 _BASE_TYPES = (nn.Linear, Conv1D)
+_DROPOUT_TYPES = (nn.Identity, nn.Dropout)
 
 
-def _plain_module(module: nn.Module) -> bool:
-    """No hooks that calling the module would run (the fast path does not call it)."""
-    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling the module would run hooks (the fast path does not call it)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as module_impl
-
     return bool(module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks
                 or module_impl._global_backward_hooks or module_impl._global_backward_pre_hooks)
 
 
-def fast_path_applies(layer: LoraLinear, name: str, x: torch.Tensor) -> bool:
-    """Whether adapter `name` of `layer` (its only active adapter, plain LoRA) can run through the fast path on x."""
-    base = layer.base_layer
-    if type(base) not in _BASE_TYPES or torch.compiler.is_compiling():
-        return False
-    mods_a, mods_b = layer.lora_A._modules, layer.lora_B._modules
-    lora_a, lora_b = mods_a[name], mods_b[name]
-    dropout = layer.lora_dropout._modules[name]
-    weight = base.weight
-    if (type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear
-            or type(dropout) not in (nn.Identity, nn.Dropout) or weight.requires_grad
-            or not isinstance(layer.scaling[name], float | int) or x.dtype != weight.dtype
-            or x.device != weight.device):
-        return False
-    if not (_plain_module(base) and _plain_module(lora_a) and _plain_module(lora_b) and _plain_module(dropout)
-            and _plain_module(layer)):
-        return False
-    device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return False
-    return not _global_hooks()
+def _autocast(device: torch.device) -> bool:
+    kind = device.type
+    if kind in ("cpu", "cuda"):
+        return torch.is_autocast_enabled(kind)
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
 
 
-def fast_forward(layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor:
-    """The layer's output with adapter `name`, through the fast path (check `fast_path_applies` first)."""
-    base = layer.base_layer
-    a, b = layer.lora_A._modules[name].weight, layer.lora_B._modules[name].weight
-    dropout = layer.lora_dropout._modules[name]
-    p = dropout.p if type(dropout) is nn.Dropout and dropout.training else 0.0
-    scaling = float(layer.scaling[name])
+def fast_forward(layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's output with adapter `name` (its only active adapter, plain LoRA) through the fast path, or None
+    where the fast path does not apply (see the module docstring). Runs per layer and call: it reads the modules'
+    dicts directly, as dora.py does."""
+    modules = layer._modules
+    base, lora_a, lora_b = modules["base_layer"], modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]
+    dropout = modules["lora_dropout"]._modules[name]
+    weight, bias = base._parameters["weight"], base._parameters.get("bias")
+    scaling = layer.scaling[name]
+    if (type(base) not in _BASE_TYPES or type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear
+            or type(dropout) not in _DROPOUT_TYPES or weight is None or weight.requires_grad
+            or type(scaling) not in (float, int) or x.dtype != weight.dtype or x.device != weight.device
+            or _hooked(layer) or _hooked(base) or _hooked(lora_a) or _hooked(lora_b) or _hooked(dropout)
+            or _global_hooks() or torch.compiler.is_compiling() or _autocast(x.device)):
+        return None
+    a, b = lora_a._parameters["weight"], lora_b._parameters["weight"]
+    p = dropout.p if dropout.training and type(dropout) is nn.Dropout else 0.0
     transposed = type(base) is Conv1D
-    tracked = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
-                                           or (base.bias is not None and base.bias.requires_grad))
-    if tracked:
-        return _LoraLinear.apply(x, base.weight, base.bias, a, b, scaling, p, transposed)
+    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _LoraLinear.apply(x, weight, bias, a, b, float(scaling), p, transposed)
     seed = draw_seed() if p > 0 else 0
-    y, _, _ = _forward(x.reshape(-1, x.shape[-1]), base.weight, base.bias, a, b, scaling, p, seed, transposed)
+    y, _, _ = _forward(x.reshape(-1, x.shape[-1]), weight, bias, a, b, float(scaling), p, seed, transposed)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
              scaling: float, p: float, seed: int, transposed: bool
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             ) -> tuple[torch.Tensor, torch.Tensor, kernel.Dropped | None]:
     """(y, h, dropped) for the 2-D input x2: y = base(x2) + scaling * h B^T with h = dropout(x2) A^T; `dropped` is
     what kernel.drop_forward_ gives the backward pass (None without dropout)."""
     if transposed:  # GPT-2's Conv1D: weight is (in, out)
@@ -119,14 +113,15 @@ class _LoraLinear(torch.autograd.Function):
                 b: torch.Tensor, scaling: float, p: float, transposed: bool) -> torch.Tensor:
         seed = draw_seed() if p > 0 else 0
         y, h, dropped = _forward(x.reshape(-1, x.shape[-1]), weight, bias, a, b, scaling, p, seed, transposed)
-        ctx.save_for_backward(x, weight, a, b, h, dropped)
+        ctx.save_for_backward(x, weight, a, b, h, *(dropped if dropped is not None else (None, None)))
         ctx.scaling, ctx.p, ctx.seed, ctx.transposed = scaling, p, seed, transposed
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        x, weight, a, b, h, dropped = ctx.saved_tensors
+        x, weight, a, b, h, indices, values = ctx.saved_tensors
+        dropped = None if indices is None else (indices, values)
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         scaling, p, seed = ctx.scaling, ctx.p, ctx.seed
         g2 = grad.reshape(-1, grad.shape[-1])

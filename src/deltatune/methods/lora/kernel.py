@@ -5,8 +5,9 @@ The fast path computes the LoRA products on x itself, then removes the dropped e
 in the forward, and in the backward gA -= gh^T (x * d) and gx -= (gh A) * d, where d marks the dropped elements.
 With torch ops that means the mask and masked copies of input-sized tensors, three times per layer and step; on a
 CPU that costs more than all of LoRA's own arithmetic. The kernel (dropout_kernel.c) hashes the decisions once, in
-the forward, and keeps the dropped elements as a list of int32 indices (about p of the elements: the mask, packed)
-for the backward; each dropped element costs r multiply-adds, and nothing input-sized is written. It is plain C,
+the forward, and keeps the dropped elements as a list of int32 indices and their float32 values (about p of the
+elements: the mask, packed) for the backward; each dropped element costs r multiply-adds, and nothing input-sized
+is written. It is plain C,
 compiled on first use into <cache>/kernels/<hash of source, compiler and platform>/ (the cache folder of
 embedded.py) and loaded with ctypes; float32 CPU tensors use it. Everything else (other dtypes, GPUs, no C
 compiler, a failed build, DELTATUNE_KERNELS=0) runs torch ops that recompute the mask from the seed in the backward:
@@ -83,7 +84,7 @@ def library() -> ctypes.CDLL | None:
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.deltatune_drop_forward.argtypes = [pointer, pointer, pointer, i64, i64, i64, i64, ctypes.c_uint64,
-                                           ctypes.c_uint32, pointer, i64, ctypes.c_int]
+                                           ctypes.c_uint32, pointer, pointer, i64, ctypes.c_int]
     lib.deltatune_drop_forward.restype = i64
     lib.deltatune_limit_isa.argtypes = [ctypes.c_int]
     lib.deltatune_limit_isa.restype = None
@@ -127,52 +128,59 @@ def _padded(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def drop_forward_(h: torch.Tensor, x: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
+# What the forward hands the backward where the kernel ran: the dropped elements' flat indices (int32) and values.
+Dropped = tuple[torch.Tensor, torch.Tensor]
+
+
+def drop_forward_(h: torch.Tensor, x: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> Dropped | None:
     """h -= (x * dropped) A^T, in place: turns h = x A^T into dropout(x) A^T (before the 1 / (1 - p) scale).
-    x: (rows, cols) contiguous, a: (r, cols), h: (rows, r) contiguous. Returns the dropped elements' flat indices
-    (int32) where the kernel ran, for the backward pass; None where torch ops did (the backward recomputes the mask)."""
+    x: (rows, cols) contiguous, a: (r, cols), h: (rows, r) contiguous. Returns the dropped elements (indices and
+    values) where the kernel ran, for the backward pass; None where torch ops did (the backward recomputes the
+    mask)."""
     at = _padded(a.t())
     if _kernel_for(h, x, at) is not None and x.numel() < 2**31:
-        dropped = torch.empty(_capacity(x.numel(), p), dtype=torch.int32)
+        capacity = _capacity(x.numel(), p)
+        indices, values = torch.empty(capacity, dtype=torch.int32), torch.empty(capacity)
         count = library().deltatune_drop_forward(
             h.data_ptr(), x.data_ptr(), at.data_ptr(), x.shape[0], x.shape[1], a.shape[0], at.shape[1], seed & _MASK64,
-            dropout_mask.threshold(p), dropped.data_ptr(), dropped.numel(), _threads())
+            dropout_mask.threshold(p), indices.data_ptr(), values.data_ptr(), capacity, _threads())
         if count >= 0:
-            return dropped[:count].clone()
+            return indices[:count].clone(), values[:count].clone()
         h.copy_(torch.mm(x, a.t()))  # overflowed halfway: start over with torch ops
     keep = dropout_mask.keep_mask(x.shape, p, seed, x.device)
     h.sub_(torch.mm(torch.where(keep, 0, x), a.t()))
     return None
 
 
-def _dropped_mask(shape: torch.Size, p: float, seed: int, dropped: torch.Tensor | None, device) -> torch.Tensor:
+def _dropped_mask(shape: torch.Size, p: float, seed: int, dropped: Dropped | None, device) -> torch.Tensor:
     if dropped is None:
         return ~dropout_mask.keep_mask(shape, p, seed, device)
     mask = torch.zeros(math.prod(shape), dtype=torch.bool, device=device)
-    return mask.index_fill_(0, dropped.to(device=device, dtype=torch.int64), True).view(shape)
+    return mask.index_fill_(0, dropped[0].to(device=device, dtype=torch.int64), True).view(shape)
 
 
 def drop_grad_a_(ga: torch.Tensor, x: torch.Tensor, gh: torch.Tensor, p: float, seed: int,
-                 dropped: torch.Tensor | None) -> torch.Tensor:
+                 dropped: Dropped | None) -> torch.Tensor:
     """ga -= gh^T (x * dropped), in place: turns gh^T x into gh^T dropout(x). ga: (r, cols), gh: (rows, r);
     `dropped`: what drop_forward_ returned."""
     ghp = _padded(gh)
     if dropped is not None and _kernel_for(ga, x, ghp) is not None:
         correction = torch.zeros(x.shape[1], ghp.shape[1])  # (gh^T (x * dropped))^T, padded
-        library().deltatune_drop_grad_a(correction.data_ptr(), x.data_ptr(), ghp.data_ptr(), dropped.data_ptr(),
-                                        dropped.numel(), x.shape[1], ghp.shape[1], _threads())
+        indices, values = dropped
+        library().deltatune_drop_grad_a(correction.data_ptr(), values.data_ptr(), ghp.data_ptr(), indices.data_ptr(),
+                                        indices.numel(), x.shape[1], ghp.shape[1], _threads())
         return ga.add_(correction[:, : gh.shape[1]].t())
     mask = _dropped_mask(x.shape, p, seed, dropped, x.device)
     return ga.sub_(torch.mm(gh.t(), torch.where(mask, x, 0)))
 
 
 def drop_grad_x_(gx: torch.Tensor, gh: torch.Tensor, a: torch.Tensor, p: float, seed: int,
-                 dropped: torch.Tensor | None) -> torch.Tensor:
+                 dropped: Dropped | None) -> torch.Tensor:
     """gx -= (gh A) * dropped, in place: turns gx + gh A into gx + (gh A) * mask. gx: (rows, cols) contiguous."""
     ghp, at = _padded(gh), _padded(a.t())
     if dropped is not None and _kernel_for(gx, ghp, at) is not None:
-        library().deltatune_drop_grad_x(gx.data_ptr(), ghp.data_ptr(), at.data_ptr(), dropped.data_ptr(),
-                                        dropped.numel(), gx.shape[1], ghp.shape[1], _threads())
+        library().deltatune_drop_grad_x(gx.data_ptr(), ghp.data_ptr(), at.data_ptr(), dropped[0].data_ptr(),
+                                        dropped[0].numel(), gx.shape[1], ghp.shape[1], _threads())
         return gx
     mask = _dropped_mask(gx.shape, p, seed, dropped, gx.device)
     return gx.sub_(torch.where(mask, torch.mm(gh, a), 0).to(gx.dtype))

@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.layers import AdapterLayer, adapter_dtype, check_fan_in_fan_out
 from deltatune.methods.lora.config import LoraConfig
 from deltatune.methods.lora.dora import DoraConv, DoraEmbedding, DoraLinear, LoraVariant
-from deltatune.methods.lora.fast_path import fast_forward, fast_path_applies
+from deltatune.methods.lora.fast_path import fast_forward
 from deltatune.methods.lora.init import init_from_base_weight, mutates_base
 from deltatune.methods.lora.mixed_batch import mixed_forward
 from deltatune.quantized import QuantizedBackend, backend_for
@@ -133,7 +133,7 @@ class LoraLinear(LoraLayer):
     """LoRA on nn.Linear, or on transformers' Conv1D whose weight is stored (in, out): fan_in_fan_out."""
 
     dora_variant = DoraLinear()
-    # Whether a single plain adapter may run through fast_path.py (where fast_path_applies says it can).
+    # Whether a single plain adapter may run through fast_path.py (where fast_forward says it can).
     fast_path: ClassVar[bool] = True
     # (adapter names, {batch size: per-row index tensor}, stacks or None) while a mixed-adapter batch runs; see
     # mixed_batch.py.
@@ -157,9 +157,10 @@ class LoraLinear(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = self.active_adapters
         if (self.fast_path and len(active) == 1 and self.mixed_rows is None and not args and not kwargs
-                and not self.use_base_only() and active[0] not in self.lora_variant
-                and fast_path_applies(self, active[0], x)):
-            return fast_forward(self, active[0], x)
+                and not self.use_base_only() and active[0] not in self.lora_variant):
+            out = fast_forward(self, active[0], x)
+            if out is not None:
+                return out
         result = self.base_layer(x, *args, **kwargs)
         if self.mixed_rows is not None:
             return mixed_forward(self, x, result)

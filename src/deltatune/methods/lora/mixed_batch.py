@@ -80,7 +80,11 @@ def mixed_forward(layer: LoraLinear, x: torch.Tensor, result: torch.Tensor) -> t
     stack_a, stack_b = stacks
     h = x.to(stack_a.dtype).reshape(x.shape[0], -1, x.shape[-1])
     a, b = stack_a.index_select(0, rows), stack_b.index_select(0, rows)  # cheaper than stack[rows] per call
-    # The B product is accumulated into the output (baddbmm), as the single-adapter forward does with addmm.
+    # The B product is accumulated into the output (baddbmm), as the single-adapter forward does with addmm; without
+    # gradients, into the base output itself (a fresh tensor of the base layer's), saving an output-sized copy.
+    if not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous():
+        result.view(h.shape[0], -1, result.shape[-1]).baddbmm_(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))
+        return result
     out = torch.baddbmm(result.reshape(h.shape[0], -1, result.shape[-1]).to(h.dtype), torch.bmm(h, a.transpose(1, 2)),
                         b.transpose(1, 2))
     return out.view(result.shape).to(result.dtype)
