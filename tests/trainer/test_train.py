@@ -176,7 +176,13 @@ def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tiny_model, tra
 def test_cli_reports_a_stopped_run(tiny_model, train_file, tmp_path, capsys, monkeypatch):
     import deltatune.trainer.loop as loop
 
-    monkeypatch.setattr(loop, "loss_sum", lambda logits, labels: (logits.sum() * float("inf"), 1))
+    original = loop.forward_loss
+
+    def infinite(model, batch):
+        total, count, logits = original(model, batch)
+        return total * float("inf"), count, logits
+
+    monkeypatch.setattr(loop, "forward_loss", infinite)
     assert _train_cli(tiny_model, train_file, tmp_path) == 1
     assert "training loss is" in capsys.readouterr().err
 

@@ -80,6 +80,9 @@ class TrainConfig:
     # --- evaluation --------------------------------------------------------------------------------------
     eval_steps: int | None = setting(None, "evaluate every this many steps (always before and after training)")
     max_eval_samples: int | None = setting(None, "evaluate on at most this many rows")
+    eval_batch_size: int | None = setting(
+        None, "examples per evaluation batch, generation included (default: batch_size); larger is faster where memory "
+              "allows, as nothing is stored for a backward pass")
     eval_generate: bool = setting(False, "also score exact match by generating each reference answer")
     max_new_tokens: int = setting(64, "longest generated answer for eval_generate")
     # --- output ------------------------------------------------------------------------------------------
@@ -173,7 +176,7 @@ def check(config: TrainConfig) -> None:
     positive = ["max_length", "batch_size", "gradient_accumulation_steps", "num_virtual_tokens", "r",
                 "reduction_factor", "max_new_tokens", "epochs"]
     positive_or_none = ["max_steps", "eval_steps", "save_steps", "save_total_limit", "max_eval_samples",
-                        "encoder_hidden_size"]
+                        "encoder_hidden_size", "eval_batch_size"]
     for name in positive + positive_or_none:
         value = getattr(config, name)
         if not (value is None and name in positive_or_none) and value <= 0:

@@ -15,7 +15,7 @@ from deltatune.data import collate, prompt_and_reference
 from deltatune.data.demo_task import json_exact_match
 from deltatune.trainer.examples import EvalSet
 from deltatune.trainer.generation import generate_answers
-from deltatune.trainer.loss import forward_logits, loss_sum
+from deltatune.trainer.loss import forward_loss
 
 
 def exact_match(prediction: str, reference: str) -> bool:
@@ -53,8 +53,7 @@ def evaluate(model, eval_set: EvalSet, tokenizer, accelerator, *, batch_size: in
         batch = collate([eval_set.examples[i] for i in chunk], tokenizer.pad_token_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            logits = forward_logits(model, batch)
-        total, count = loss_sum(logits, batch["labels"])
+            total, count, logits = forward_loss(model, batch)
         totals[0] += total.double()
         totals[1] += count
         if classify:

@@ -29,7 +29,7 @@ from deltatune.trainer.config import ConfigError, TrainConfig, save_config
 from deltatune.trainer.evaluate import evaluate
 from deltatune.trainer.examples import RunData, load_run_data
 from deltatune.trainer.loading import load_base_model, load_tokenizer, model_folder, save_label_names, task_type
-from deltatune.trainer.loss import forward_logits, loss_sum, target_count
+from deltatune.trainer.loss import forward_loss, target_count
 from deltatune.trainer.methods import METHODS, build_peft_config
 from deltatune.trainer.sampler import DataOrder
 
@@ -102,7 +102,11 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
+    groups = [g for g in groups if g["params"]]
+    try:  # one kernel for every tensor: about 5x faster than the per-tensor loop over a LoRA model's ~400 factors
+        return torch.optim.AdamW(groups, lr=config.learning_rate, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not take
+        return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
@@ -192,7 +196,8 @@ class Run:
         if self.data.eval is None:
             return None
         metrics = evaluate(self.unwrapped, self.data.eval, self.tokenizer, self.accelerator,
-                           batch_size=self.config.batch_size, generate=self.config.eval_generate,
+                           batch_size=self.config.eval_batch_size or self.config.batch_size,
+                           generate=self.config.eval_generate,
                            max_new_tokens=self.config.max_new_tokens, max_length=self.config.max_length)
         if self.main:
             self.log.append({"split": "eval", "step": step, **metrics})
@@ -335,7 +340,7 @@ def _optimizer_step(model, accelerator, examples: list[dict], micro_batches: lis
         last = index == len(micro_batches) - 1
         with nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
-                summed = loss_sum(forward_logits(model, batch), batch["labels"])[0] * weight
+                summed = forward_loss(model, batch)[0] * weight
             accelerator.backward(summed * scale)
         total += summed.detach().double()
     return accelerator.reduce(total, reduction="sum").item() / max(step_targets, 1)

@@ -6,6 +6,8 @@ differently depending on how the batch was cut; a sum divided by the whole batch
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -33,3 +35,34 @@ def target_count(example: dict) -> int:
 
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def forward_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, number of targets, logits) of one batch, as loss_sum(forward_logits(...)) gives them.
+
+    A causal LM's output head runs only at the positions that predict a target (`logits_to_keep`, where the model's
+    forward takes it): with the prompt masked out, most positions predict nothing, and the head (a vocabulary-wide
+    product, a fifth of a small model's work) and its vocabulary-wide logits are the largest tensors of a step. The
+    logits returned are then those positions' only."""
+    labels = batch["labels"]
+    if labels.dim() == 1 or not _keeps_positions(model):
+        logits = forward_logits(model, batch)
+        return (*loss_sum(logits, labels), logits)
+    targets = labels[:, 1:]
+    wanted = targets != IGNORE
+    positions = wanted.any(0).nonzero().view(-1)  # position t predicts token t + 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=positions).logits
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets[:, positions].reshape(-1),
+                            ignore_index=IGNORE, reduction="sum")
+    return total, wanted.sum(), logits
+
+
+def _keeps_positions(model) -> bool:
+    """Whether the model's forward takes logits_to_keep with positions that are the input's own: not where a prompt
+    adapter puts virtual tokens in front of them."""
+    model = getattr(model, "module", model)  # DDP
+    if getattr(model, "_prompt_active", False):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
