@@ -47,6 +47,7 @@ class Case:
     # the imports a fresh memory process makes before its RSS baseline (the same for every case)
     extra_imports: tuple[str, ...] = field(default=())
     check_tolerance: float = 1e-4  # max |deltatune - peft| of the check values, relative to their scale
+    memory: bool = True  # measure peak memory (fresh processes); off where building is slow and memory is not the point
 
 
 def _lib(key: str):
@@ -70,6 +71,7 @@ def lora_train(model_fn: Callable[[dict[str, Any]], torch.nn.Module], cpu: tuple
         model = model_fn(settings)
         vocab = model.get_input_embeddings().weight.shape[0]
         inputs = common.to_device(common.batch_inputs(batch, seq, vocab=vocab), device)
+        _keep_bnb_differentiable(model)
         if key == "reference":
             return common.frozen_step(model.to(device), inputs)
         lib = _lib(key)
@@ -79,6 +81,16 @@ def lora_train(model_fn: Callable[[dict[str, Any]], torch.nn.Module], cpu: tuple
         return common.adamw_step(peft_model, inputs, sync=common.sync_for(device))
 
     return build
+
+
+def _keep_bnb_differentiable(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks a CPU 4-bit weight for a faster kernel at its first eval-mode forward (the check runs
+    one), and that kernel has no backward: gradients stop at the layer. deltatune turns the repacking off
+    (quantized/bnb.py); peft does not, so its timed steps would skip work and train wrongly, and so would the frozen
+    reference. All three run the differentiable kernel here."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def prompt_train(settings: dict[str, Any], key: str) -> common.Setup:
@@ -190,6 +202,21 @@ def generate_case(key: str, settings: dict[str, Any]) -> common.Setup:
 TINY_SHAPES = {"cpu": (8, 128), "gpu": (16, 512)}
 
 
+def compiled_train(key: str, settings: dict[str, Any]) -> common.Setup:
+    """The tiny LoRA step under torch.compile (Module.compile, as `deltatune train --compile`): deltatune's and peft's
+    compiled; the reference is deltatune's eager step. The first step, which compiles, is a warm-up round."""
+    device = settings["device"]
+    lib = _lib("peft" if key == "peft" else "deltatune")
+    model = lib.get_peft_model(tiny(settings), lib.LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32,
+                                                              lora_dropout=0.0, target_modules="all-linear"))
+    common.seed_adapters(model)
+    model.to(device)
+    if key != "reference":
+        model.compile()
+    inputs = common.to_device(common.batch_inputs(*batch_shape(settings, (8, 128), (16, 512))), device)
+    return common.adamw_step(model, inputs, sync=common.sync_for(device))
+
+
 CASES: dict[str, Case] = {case.name: case for case in (
     Case("tiny-lora", "Tiny Llama (4 x 512), LoRA r=16 all-linear, dropout 0, batch 8 x 128: training step",
          lora_train(tiny, **TINY_SHAPES, r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"),
@@ -214,4 +241,7 @@ CASES: dict[str, Case] = {case.name: case for case in (
          forward_case(mixed=True), (Target("time", "deltatune", "reference", 1.10),)),
     Case("generate", "SmolLM2-135M-Instruct, generate() 32 tokens, one unmerged LoRA r=16 (reference: merged)",
          generate_case),
+    Case("compile", "Tiny Llama, LoRA r=16 all-linear, dropout 0: the training step compiled (torch.compile), "
+         "against deltatune's eager step as the reference", compiled_train,
+         (Target("time", "deltatune", "reference", 1.0),), memory=False),
 )}

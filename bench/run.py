@@ -170,7 +170,7 @@ def main() -> None:
         print(f"[{name}] {case.title}", flush=True)
         try:
             memory = None
-            if not args.no_memory:
+            if not args.no_memory and case.memory:
                 memory = {key: common.in_fresh_process(memory_of, name, settings, key) for key in KEYS}
             timing = common.in_fresh_process(time_case, name, settings)
             summary = summarize(case, timing, memory)
