@@ -132,6 +132,13 @@ def test_user_errors_are_one_line_with_status_2(tiny_model, tmp_path, capsys):  
     assert "Unknown method 'dorra'" in capsys.readouterr().err
 
 
+def test_an_adapter_name_that_is_no_folder_name_is_a_user_error(tiny_model, adapters, capsys):  # noqa: F811
+    argv = ["generate", "--model", tiny_model, "--adapter", f"v1.2={adapters['a']}/adapter", "--prompt", "hi"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltatune: error: --adapter v1.2=") and "folder names" in err and "Traceback" not in err
+
+
 def test_console_script_is_declared():
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert scripts.get("deltatune") == "deltatune.cli:main"

@@ -36,6 +36,28 @@ class AdapterLoadError(ValueError):
     """An adapter file that does not fit the model, or cannot be read."""
 
 
+def check_adapter_name(name: object) -> None:
+    """Refuse a name that cannot be a plain folder name: save_pretrained writes each adapter but the default into a
+    subfolder of that name, so a separator, an absolute path or ".." would write outside the folder asked for. A
+    "." is refused too: names are keys of the layers' module dicts, where a dot reads as a submodule path."""
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "it is not a non-empty string"
+    elif "/" in name or "\\" in name or (os.altsep and os.altsep in name) or os.path.splitdrive(name)[0]:
+        problem = "it holds a path separator or drive"
+    elif "." in name:
+        problem = "it holds a '.'"
+    elif "\0" in name:
+        problem = "it holds a NUL character"
+    elif len(name.encode("utf-8")) > 255:
+        problem = "it is longer than 255 bytes"
+    if problem is not None:
+        raise ValueError(
+            f"Invalid adapter name {name!r}: {problem}. Adapter names become folder names: use letters, digits, '-' "
+            "and '_' (no '/', '\\', '.', NUL; at most 255 bytes)."
+        )
+
+
 def adapter_parameter_map(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, nn.Parameter]:
     """{file key: live parameter} for one adapter, in peft's key layout.
 

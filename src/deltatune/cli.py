@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from deltatune.checkpoint import check_adapter_name
 from deltatune.trainer import config as train_config
 
 
@@ -43,6 +44,10 @@ def _adapters(values: Sequence[str] | None) -> dict[str, str]:
             name, path = ("default" if "default" not in adapters else f"adapter{len(adapters)}"), value
         if name in adapters:
             raise train_config.ConfigError(f"Two adapters are named {name!r}; name them NAME=PATH.")
+        try:
+            check_adapter_name(name)
+        except ValueError as err:
+            raise train_config.ConfigError(f"--adapter {value}: {err}") from err
         adapters[name] = path
     return adapters
 

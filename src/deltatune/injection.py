@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from deltatune.checkpoint import adapter_parameter_map
+from deltatune.checkpoint import adapter_parameter_map, check_adapter_name
 from deltatune.config import PeftConfig
 from deltatune.layers import AdapterLayer, adapter_layers, modules_of_type
 from deltatune.modules_to_save import ModulesToSaveWrapper
@@ -154,6 +154,7 @@ def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str) -> P
 
     The caller's config is never modified: the returned copy holds the concrete target list.
     """
+    check_adapter_name(adapter_name)
     method = get_method(config.peft_type)
     if method.prepare_config is not None:
         config = method.prepare_config(model, config)

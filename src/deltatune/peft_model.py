@@ -21,6 +21,7 @@ from deltatune import injection, prompt_learning
 from deltatune.checkpoint import (
     MODEL_CARD_NAME,
     adapter_parameter_map,
+    check_adapter_name,
     get_peft_model_state_dict,
     load_adapter_weights,
     resolve_adapter_dir,
@@ -112,13 +113,12 @@ class PeftModel(nn.Module):
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, _from_file: bool = False) -> None:
         """Add a new adapter, inactive unless no other is loaded (the first one, or one added after deleting all
         others). The caller's config is not modified."""
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(
                 f"An adapter named {adapter_name!r} already exists. Pick another name, or call "
                 f"delete_adapter({adapter_name!r}) first."
             )
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"Adapter names must be non-empty strings without '.', got {adapter_name!r}.")
         if hasattr(nn.ModuleDict(), adapter_name):  # adapters are ModuleDict keys, which cannot shadow its attributes
             raise ValueError(f"Adapter name {adapter_name!r} clashes with a torch.nn.Module attribute; pick another.")
         only = not self.peft_config

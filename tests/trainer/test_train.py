@@ -296,6 +296,9 @@ def test_resuming_a_finished_run_logs_its_final_evaluation_once(tiny_model, trai
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") == "default",
+                    reason="torch 2.13's inductor emits vector code that its headers leave undeclared when ATen is "
+                           "limited to its portable kernels (a C++ compile error), whatever the model")
 def test_compiled_run_trains_the_same_adapter(tiny_model, train_file, tmp_path):
     """--compile (torch.compile of the training forward) gives the eager run's adapter, to float rounding."""
     runs = {}
