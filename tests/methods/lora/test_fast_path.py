@@ -349,3 +349,26 @@ def test_a_lora_model_compiles_without_graph_breaks():
     explained = torch._dynamo.explain(lambda ids: model(input_ids=ids, labels=ids).loss)(ids)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks():
+    """Checkpointing reruns each layer's forward in the backward pass; the masks must be the first run's (the seeds
+    come from torch's generator, whose state checkpointing restores), or the gradients would mix two masks."""
+    results = []
+    for checkpointing in (False, True):
+        model = deltatune.get_peft_model(tiny_llama(), deltatune.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False, target_modules="all-linear",
+            task_type="CAUSAL_LM"))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(123)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), grads(model)))
+    (loss_plain, plain), (loss_ckpt, ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss_plain, rtol=1e-6, atol=1e-6)
+    assert plain.keys() == ckpt.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
