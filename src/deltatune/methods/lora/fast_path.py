@@ -66,7 +66,7 @@ def fast_forward(layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor 
     modules = layer._modules
     base, lora_a, lora_b = modules["base_layer"], modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]
     dropout = modules["lora_dropout"]._modules[name]
-    weight, bias = base._parameters["weight"], base._parameters.get("bias")
+    weight, bias = base._parameters.get("weight"), base._parameters.get("bias")
     scaling = layer.scaling[name]
     if (type(base) not in _BASE_TYPES or type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear
             or type(dropout) not in _DROPOUT_TYPES or weight is None or weight.requires_grad
