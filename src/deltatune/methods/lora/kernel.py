@@ -7,11 +7,10 @@ With torch ops that means the mask and masked copies of input-sized tensors, thr
 CPU that costs more than all of LoRA's own arithmetic. The kernel (dropout_kernel.c) hashes the decisions once, in
 the forward, and keeps the dropped elements as a list of int32 indices and their float32 values (about p of the
 elements: the mask, packed) for the backward; each dropped element costs r multiply-adds, and nothing input-sized
-is written. It is plain C,
-compiled on first use into <cache>/kernels/<hash of source, compiler and platform>/ (the cache folder of
-embedded.py) and loaded with ctypes; float32 CPU tensors use it. Everything else (other dtypes, GPUs, no C
-compiler, a failed build, DELTATUNE_KERNELS=0) runs torch ops that recompute the mask from the seed in the backward:
-the same masks, the same results up to float rounding.
+is written. It is plain C, compiled on first use into <cache>/kernels/<hash of source, compiler and platform>/ (the
+cache folder of embedded.py) and loaded with ctypes; float32 CPU tensors use it. Everything else (other dtypes,
+GPUs, no C compiler, a failed build, DELTATUNE_KERNELS=0) runs torch ops that recompute the mask from the seed in
+the backward: the same masks, the same results up to float rounding.
 """
 
 from __future__ import annotations
@@ -111,11 +110,12 @@ def _kernel_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
 def _capacity(numel: int, p: float) -> int:
     """Room for the dropped elements' indices: far above any count a binomial draw reaches (the kernel reports an
     overflow, and the torch ops take over)."""
+    threads = _threads()
     spread = math.sqrt(numel * p * (1 - p))
-    return int(numel * p + 12 * spread * math.sqrt(_threads())) + 1024 * MAX_THREADS
+    return int(numel * p + 12 * spread * math.sqrt(threads)) + 2 * BATCH_ELEMENTS * threads
 
 
-MAX_THREADS = 64  # as dropout_kernel.c; 1024 = its BATCH * BLOCK, the room it wants free before hashing a batch
+BATCH_ELEMENTS = 1024  # dropout_kernel.c's BATCH * BLOCK: the room each thread wants free before hashing a batch
 
 
 def _padded(t: torch.Tensor) -> torch.Tensor:
