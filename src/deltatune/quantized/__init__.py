@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -50,11 +51,13 @@ class QuantizedBackend:
         return module.in_features, module.out_features
 
     @classmethod
+    @abstractmethod
     def dequantize(cls, module: nn.Module) -> torch.Tensor:
         """The weight as a new float32 (out, in) tensor on the weight's device."""
         raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def requantize(cls, module: nn.Module, weight: torch.Tensor) -> None:
         """Quantize `weight` (float, (out, in)) as the layer's current weight was, and store it in the layer."""
         raise NotImplementedError

@@ -11,6 +11,8 @@ quantized weight back, so it is exact. Nothing here knows a method.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from torch import nn
 
@@ -38,6 +40,7 @@ class QuantizedLayer:
         self.fan_in_fan_out = False
         self.in_features, self.out_features = backend.features(base_layer)
 
+    @abstractmethod
     def _merge_into(self, names: list[str], weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, new bias or None) with the adapters `names` merged into `weight` (float32, (out, in))."""
         raise NotImplementedError

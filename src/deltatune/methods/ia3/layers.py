@@ -8,6 +8,7 @@ into the base weight (and, for output scaling, the bias), so it replaces the add
 from __future__ import annotations
 
 import re
+from abc import abstractmethod
 
 import torch
 from torch import nn
@@ -38,13 +39,16 @@ class IA3Layer(AdapterLayer):
         self.ia3_l[adapter_name] = nn.Parameter(vector.to(device=weight.device, dtype=adapter_dtype(weight)))
 
     # --- what each base layer type defines ---------------------------------------------------------
+    @abstractmethod
     def _vector_shape(self, is_feedforward: bool) -> tuple[int, ...]:
         raise NotImplementedError
 
+    @abstractmethod
     def _activation_scale(self, vector: torch.Tensor) -> torch.Tensor:
         """The vector shaped to multiply the layer's input or output."""
         raise NotImplementedError
 
+    @abstractmethod
     def _weight_scale(self, adapter_name: str) -> torch.Tensor:
         """The vector shaped to multiply the base weight."""
         raise NotImplementedError
@@ -128,6 +132,7 @@ class IA3Linear(IA3Layer):
     def _vector_shape(self, is_feedforward: bool) -> tuple[int, ...]:
         return (1, self.in_features) if is_feedforward else (self.out_features, 1)
 
+    @abstractmethod
     def _activation_scale(self, vector: torch.Tensor) -> torch.Tensor:
         return vector.flatten()
 
@@ -145,6 +150,7 @@ class IA3Conv(IA3Layer):
         channels = base.in_channels if is_feedforward else base.out_channels
         return (1, channels) + (1,) * len(base.kernel_size)
 
+    @abstractmethod
     def _activation_scale(self, vector: torch.Tensor) -> torch.Tensor:
         return vector
 

@@ -22,6 +22,7 @@ there). Under FSDP, wrap whole decoder layers (as accelerate does), not the adap
 from __future__ import annotations
 
 import contextlib
+from abc import abstractmethod
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,17 +43,21 @@ class LoraVariant:
     """How a LoRA variant changes a layer: its forward and its merge. Stateless, one instance per layer type;
     per-adapter state lives in the layer's adapter containers, so it is saved, trained and deleted with them."""
 
+    @abstractmethod
     def init(self, layer: LoraLayer, adapter_name: str) -> None:
         raise NotImplementedError
 
+    @abstractmethod
     def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """The layer's output with this adapter applied on top of `result` (the base and earlier adapters), in the
         adapter's dtype: the layer rounds back to the base's dtype once, after all its adapters, as peft does."""
         raise NotImplementedError
 
+    @abstractmethod
     def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @abstractmethod
     def unmerged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -98,6 +103,7 @@ class _Dora(LoraVariant):
     """What every DoRA layer type shares: the norm, its cache, init and merging. Subclasses say how the adapted
     weight is laid out (`operands`) and write the forward."""
 
+    @abstractmethod
     def operands(self, layer: LoraLayer, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Operands:
         raise NotImplementedError
 

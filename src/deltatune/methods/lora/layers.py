@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import abstractmethod
 from collections.abc import Iterator
 from typing import ClassVar
 
@@ -111,6 +112,7 @@ class LoraLayer(AdapterLayer):
             return super().unmerged_weight(adapter_name, weight)
         return variant.unmerged_weight(self, adapter_name, weight)
 
+    @abstractmethod
     def _create_factors(self, adapter_name: str, r: int) -> None:
         raise NotImplementedError
 
