@@ -13,7 +13,7 @@ inference cases its forward, for generation the merged model.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import common
@@ -45,7 +45,7 @@ class Case:
     build: Callable[[str, dict[str, Any]], common.Setup]
     targets: tuple[Target, ...] = ()
     # the imports a fresh memory process makes before its RSS baseline (the same for every case)
-    extra_imports: tuple[str, ...] = field(default=())
+    extra_imports: tuple[str, ...] = ()
     check_tolerance: float = 1e-4  # max |deltatune - peft| of the check values, relative to their scale
     memory: bool = True  # measure peak memory (fresh processes); off where building is slow and memory is not the point
 
@@ -115,14 +115,12 @@ def smollm2(settings: dict[str, Any]) -> torch.nn.Module:
 
 
 def smollm2_nf4(settings: dict[str, Any]) -> torch.nn.Module:
-    from transformers import BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from deltatune.embedded import resolve_model
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=getattr(torch, settings["dtype"]))
-    from transformers import AutoModelForCausalLM
-
     device_map = None if settings["device"] == "cpu" else {"": settings["device"]}
     return AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct"), quantization_config=quant,
                                                 dtype=getattr(torch, settings["dtype"]), device_map=device_map)

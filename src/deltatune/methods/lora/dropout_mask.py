@@ -16,6 +16,8 @@ faster on the CPU.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's counter increment
@@ -61,7 +63,4 @@ def random_bits(numel: int, seed: int, device: torch.device | str = "cpu") -> to
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device | str = "cpu"
               ) -> torch.Tensor:
     """The bool mask of kept elements of a contiguous tensor of `shape`."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    return (random_bits(numel, seed, device) >= threshold(p)).view(shape)
+    return (random_bits(math.prod(shape), seed, device) >= threshold(p)).view(shape)
